@@ -1,0 +1,88 @@
+"""Autoregressive decoding: the baseline every speedup is measured against.
+
+Prefill in one pass, then one token per step inside a single jitted `lax.while_loop`; the cache is
+donated and nothing returns to the host until the batch is done.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psjax.decoding import common
+from psjax.decoding.sampling import GREEDY, Sampling, choose
+from psjax.models.kv_cache import KVCache
+from psjax.models.llama import Transformer
+
+
+@flax.struct.dataclass
+class State:
+    cache: KVCache
+    logits: jax.Array  # [B, V] logits of each row's next token
+    output: jax.Array  # [B, max_new_tokens]
+    num_generated: jax.Array  # [B]
+    done: jax.Array  # [B] bool
+    step: jax.Array  # scalar
+    rng: jax.Array
+
+
+def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    if not eos_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "sampling", "eos_ids",
+                                             "pad_id", "cache_length", "cache_dtype"))
+def _generate(module: Transformer, params, tokens, lengths, rng, *, max_new_tokens: int,
+              sampling: Sampling, eos_ids: tuple[int, ...], pad_id: int, cache_length: int,
+              cache_dtype):
+    b = tokens.shape[0]
+    # Created inside the jit: the cache never exists on the host and is updated in place.
+    cache = KVCache.create(module.config, b, cache_length, cache_dtype)
+    logits, _, cache = common.prefill(module, params, tokens, lengths, cache)
+    state = State(cache=cache, logits=logits,
+                  output=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+                  num_generated=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
+                  step=jnp.zeros((), jnp.int32), rng=rng)
+
+    def cond(s: State):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: State):
+        rng, key = jax.random.split(s.rng)
+        token = choose(key, s.logits, sampling)  # [B]
+        live = ~s.done
+        output = s.output.at[jnp.arange(b), s.num_generated].set(
+            jnp.where(live, token, s.output[jnp.arange(b), s.num_generated]), mode="drop")
+        num_generated = s.num_generated + live
+        done = s.done | (live & is_eos(token, eos_ids)) | (num_generated >= max_new_tokens)
+        positions = s.cache.lengths[:, None]
+        out = module.apply({"params": params}, token[:, None], positions, s.cache)
+        return State(cache=out.cache.commit(live), logits=out.logits[:, 0], output=output,
+                     num_generated=num_generated, done=done, step=s.step + 1, rng=rng)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state.output, state.num_generated, state.step
+
+
+def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int, sampling: Sampling = GREEDY, eos_ids: Sequence[int] = (),
+             cache_length: int | None = None, rng: jax.Array | None = None,
+             cache_dtype=None, pad_id: int = 0) -> common.Generation:
+    """Decodes a batch of token-id prompts (different lengths allowed) token by token."""
+    tokens, lengths = common.pad_prompts(prompts, pad_id)
+    if cache_length is None:
+        cache_length = int(tokens.shape[1]) + max_new_tokens
+    common.check_capacity(lengths, tokens.shape[1], max_new_tokens, cache_length)
+    output, num_generated, steps = _generate(
+        module, params, jnp.asarray(tokens), jnp.asarray(lengths),
+        jax.random.PRNGKey(0) if rng is None else rng, max_new_tokens=max_new_tokens,
+        sampling=sampling, eos_ids=tuple(sorted(eos_ids)), pad_id=pad_id,
+        cache_length=cache_length, cache_dtype=jnp.dtype(cache_dtype or module.dtype))
+    return common.Generation(np.asarray(output), np.asarray(num_generated), int(steps))

@@ -1,0 +1,81 @@
+"""What every decoding loop shares: prompt batching, the capacity check, prefill, results."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psjax.models.kv_cache import KVCache
+from psjax.models.llama import Transformer
+
+PROMPT_BUCKET = 64  # prompts are padded to a multiple of this, to bound recompilations
+
+
+class CacheTooSmallError(ValueError):
+    pass
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+                bucket: int = PROMPT_BUCKET) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads token lists into [B, P] (P a multiple of `bucket`) and returns their lengths."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    width = -(-int(lengths.max()) // bucket) * bucket
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt)] = prompt
+    return tokens, lengths
+
+
+def check_capacity(prompt_lengths: np.ndarray, padded_width: int, max_new_tokens: int,
+                   cache_length: int, lookahead: int = 0) -> None:
+    """Fails before any compilation when a prompt plus its generation cannot fit the cache.
+
+    `lookahead` is how many slots past the committed end a step writes (draft tokens)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = int(np.max(prompt_lengths))
+    need = max(longest + max_new_tokens + lookahead, padded_width)
+    if need > cache_length:
+        raise CacheTooSmallError(
+            f"a prompt of {longest} tokens (padded to {padded_width}) plus max_new_tokens="
+            f"{max_new_tokens}{f' plus {lookahead} draft slots' if lookahead else ''} needs "
+            f"{need} cache slots, but cache_length={cache_length}; raise cache_length (or "
+            "shorten the prompt / max_new_tokens)")
+
+
+def prefill(module: Transformer, params, tokens: jax.Array, lengths: jax.Array,
+            cache: KVCache):
+    """One pass over the padded prompts. Returns the logits and hidden state at each row's last
+    prompt token, and the cache with the prompts committed."""
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    out = module.apply({"params": params}, tokens, positions, cache)
+    last = lengths - 1
+    pick = lambda x: jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+    return pick(out.logits), pick(out.hidden), out.cache.replace(lengths=lengths)
+
+
+@dataclasses.dataclass
+class Generation:
+    """What a generate call returns, on the host."""
+
+    tokens: np.ndarray  # [B, max_new_tokens], rows padded after num_generated
+    num_generated: np.ndarray  # [B], EOS included where it was produced
+    steps: int  # target forward passes after prefill (loop iterations)
+    accepted: np.ndarray | None = None  # [steps, B] tokens committed per step (speculative)
+
+    def sequences(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.num_generated)]
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per target forward pass (the bonus token included)."""
+        if self.accepted is None:
+            return 1.0
+        live = self.accepted[self.accepted > 0]
+        return float(live.mean()) if live.size else 0.0

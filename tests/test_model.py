@@ -1,0 +1,130 @@
+"""The target model computes what transformers computes; import, export and sharding agree."""
+
+import json
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import tiny_models
+from psjax import sharding
+from psjax.convert import hf
+from psjax.models.config import ModelConfig, UnsupportedConfigError
+from psjax.models.llama import Transformer
+
+
+def _forward(config, params, tokens):
+    positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+    return np.asarray(Transformer(config).apply({"params": params}, jnp.asarray(tokens),
+                                                jnp.asarray(positions)).logits)
+
+
+def _torch_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def _rel_err(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("variant", sorted(tiny_models.VARIANTS))
+def test_logits_match_transformers(variant):
+    model, path = tiny_models.make(variant)
+    config, params = hf.load_hf_dir(path)
+    tokens = np.random.RandomState(1).randint(0, config.vocab_size, (2, 80))
+    ours, ref = _forward(config, params, tokens), _torch_logits(model, tokens)
+    assert _rel_err(ours, ref) < 1e-4, (variant, _rel_err(ours, ref))
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])
+def test_export_round_trip(variant):
+    model, path = tiny_models.make(variant, seed=3)
+    config, params = hf.load_hf_dir(path)
+    out = tempfile.mkdtemp()
+    # A small shard limit forces the sharded `model-0000N-of-0000M` layout.
+    hf.save_hf_dir(out, config, params, max_shard_bytes=64 << 10)
+    assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = np.random.RandomState(2).randint(0, config.vocab_size, (1, 40))
+    ours = _forward(config, params, tokens)
+    np.testing.assert_allclose(_torch_logits(reloaded, tokens), ours, rtol=1e-5, atol=1e-5)
+    config2, params2 = hf.load_hf_dir(out)
+    assert config2 == config
+    np.testing.assert_array_equal(_forward(config2, params2, tokens), ours)
+
+
+def test_bfloat16_weights_load(tmp_path):
+    model, _ = tiny_models.make("llama_gqa_untied")
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    config, params = hf.load_hf_dir(str(tmp_path), jnp.bfloat16)
+    assert params["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+
+
+def test_sharded_forward_equals_unsharded():
+    assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+    _, path = tiny_models.make("llama_gqa_untied")
+    config, params = hf.load_hf_dir(path)
+    module = Transformer(config)
+    tokens = np.random.RandomState(0).randint(0, config.vocab_size, (8, 32)).astype(np.int32)
+    positions = np.broadcast_to(np.arange(32, dtype=np.int32), tokens.shape)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    logical = sharding.logical_axes(
+        lambda: module.init(jax.random.PRNGKey(0), tokens[:1], positions[:1]))["params"]
+    param_sh = sharding.shardings(logical, params, mesh)
+    sharded_params = jax.device_put(params, param_sh)
+    assert sharded_params["layers_0"]["mlp"]["gate_proj"]["kernel"].sharding.spec == \
+        jax.sharding.PartitionSpec("fsdp", "tensor")
+    data_sh = sharding.data_sharding(mesh, 2)
+    fn = jax.jit(lambda p, t, q: module.apply({"params": p}, t, q).logits,
+                 in_shardings=(param_sh, data_sh, data_sh))
+    with sharding.activate(mesh):
+        sharded = fn(sharded_params, tokens, positions)
+    np.testing.assert_allclose(np.asarray(sharded), _forward(config, params, tokens),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_unmatched_logical_axis_raises():
+    mesh = sharding.make_mesh()
+    with pytest.raises(KeyError, match="no sharding rule"):
+        sharding.to_mesh_spec(jax.sharding.PartitionSpec("mystery"), (8,), mesh,
+                              sharding.DEFAULT_RULES)
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(UnsupportedConfigError, match="unknown architecture model_type='gpt2'"):
+        ModelConfig.from_hf_dict({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+
+
+def test_unhandled_attribute_is_refused():
+    _, path = tiny_models.make("mistral_gqa")
+    with open(os.path.join(path, "config.json")) as f:
+        hf_config = json.load(f)
+    with pytest.raises(UnsupportedConfigError, match="sliding_window"):
+        ModelConfig.from_hf_dict({**hf_config, "sliding_window": 4096})
+    with pytest.raises(UnsupportedConfigError, match="does not handle: \\['attn_logit_softcap"):
+        ModelConfig.from_hf_dict({**hf_config, "attn_logit_softcap": 50.0})
+    with pytest.raises(UnsupportedConfigError, match="RoPE type 'yarn'"):
+        ModelConfig.from_hf_dict({**hf_config, "rope_parameters": {
+            "rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
+
+
+def test_missing_tensor_is_named(tmp_path):
+    _, path = tiny_models.make("qwen2_gqa_untied")
+    state = hf.read_safetensors(path)
+    del state["model.layers.1.mlp.up_proj.weight"]
+    config = ModelConfig.from_hf_dir(path)
+    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight"):
+        hf.params_from_state_dict(state, config)
+
+
+def test_missing_directory_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ModelConfig.from_hf_dir(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        hf.read_safetensors(str(tmp_path))
