@@ -29,6 +29,6 @@ setup(
     extras_require={
         # The PyTorch reference: parity tests and the transformers rows of the benchmarks.
         "torch": ["torch>=2.11"],
-        "test": ["pytest", "pytest-xdist", "torch>=2.11"],
+        "test": ["pytest", "pytest-xdist", "scipy", "torch>=2.11"],
     },
 )

@@ -12,20 +12,20 @@ import numpy as np
 from psjax.models.kv_cache import KVCache
 from psjax.models.llama import Transformer
 
-PROMPT_BUCKET = 64  # prompts are padded to a multiple of this, to bound recompilations
+MIN_PROMPT_WIDTH = 16  # prompts are padded to a power of two >= this, to bound recompilations
 
 
 class CacheTooSmallError(ValueError):
     pass
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
-                bucket: int = PROMPT_BUCKET) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pads token lists into [B, P] (P a multiple of `bucket`) and returns their lengths."""
+def pad_prompts(prompts: Sequence[Sequence[int]],
+                pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads token lists into [B, P] (P a power of two) and returns their lengths."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     lengths = np.array([len(p) for p in prompts], np.int32)
-    width = -(-int(lengths.max()) // bucket) * bucket
+    width = max(MIN_PROMPT_WIDTH, 1 << (int(lengths.max()) - 1).bit_length())
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = prompt

@@ -41,7 +41,7 @@ def probabilities(logits: jax.Array, sampling: Sampling) -> jax.Array:
     logits = logits.astype(jnp.float32) / sampling.temperature
     neg_inf = jnp.finfo(jnp.float32).min
     if sampling.top_k:
-        kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][..., -1:]
         logits = jnp.where(logits < kth, neg_inf, logits)
     if sampling.top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]

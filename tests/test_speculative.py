@@ -1,0 +1,123 @@
+"""The engine is lossless: greedy output equals autoregressive output token for token, and sampled
+output follows the autoregressive distribution. On tiny random models (fast) and on the real
+SmolLM2-135M-Instruct."""
+
+import jax
+import numpy as np
+import pytest
+import scipy.stats
+
+import tiny_models
+from psjax.convert import hf
+from psjax.decoding import autoregressive, speculative
+from psjax.decoding.common import CacheTooSmallError
+from psjax.decoding.sampling import Sampling
+from psjax.decoding.tree import Tree
+from psjax.drafters.draft_model import DraftModel
+from psjax.drafters.prompt_lookup import PromptLookup
+from psjax.models.llama import Transformer
+
+TREES = {"chain1": Tree.chain(1), "chain4": Tree.chain(4),
+         "tree_3_2_1": Tree.from_branching((3, 2, 1))}
+
+
+def _target_and_draft(vocab_size):
+    _, path = tiny_models.make("llama_gqa_untied", vocab_size=vocab_size)
+    config, params = hf.load_hf_dir(path)
+    _, draft_path = tiny_models.make("qwen2_gqa_untied", seed=5, vocab_size=vocab_size,
+                                     num_layers=1)
+    draft_config, draft_params = hf.load_hf_dir(draft_path)
+    return Transformer(config), params, Transformer(draft_config), draft_params
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return _target_and_draft(64)
+
+
+@pytest.fixture(scope="module")
+def tiny16():
+    """A 16-token vocabulary, so that 20,000 samples fill a chi-square table."""
+    return _target_and_draft(16)
+
+
+def _drafters(tiny):
+    module, params, draft_module, draft_params = tiny
+    return {"prompt_lookup": (PromptLookup(), None),
+            "draft_random": (DraftModel(draft_module), draft_params),
+            "draft_self": (DraftModel(module), params)}  # perfect drafts: long accepts
+
+
+@pytest.mark.parametrize("tree", sorted(TREES))
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "draft_random", "draft_self"])
+def test_tiny_greedy_lossless(tiny, drafter, tree):
+    module, params, *_ = tiny
+    drafter, drafter_params = _drafters(tiny)[drafter]
+    rs = np.random.RandomState(0)
+    prompts = [rs.randint(0, 64, n).tolist() for n in (5, 17, 9, 30)]
+    for batch in (prompts[:1], prompts):  # batch 1, and batch 4 of different lengths
+        ref = autoregressive.generate(module, params, batch, max_new_tokens=40, eos_ids=(7,))
+        out = speculative.generate(module, params, batch, drafter=drafter,
+                                   drafter_params=drafter_params, tree=TREES[tree],
+                                   max_new_tokens=40, eos_ids=(7,))
+        assert out.sequences() == ref.sequences()
+        assert out.accepted.sum() == ref.num_generated.sum() - len(batch)  # first token: prefill
+
+
+def test_self_drafting_accepts_everything(tiny):
+    module, params, *_ = tiny
+    out = speculative.generate(module, params, [[1, 2, 3]], drafter=DraftModel(module),
+                               drafter_params=params, tree=4, max_new_tokens=41)
+    assert out.tau == pytest.approx(5.0)  # 4 drafts + the bonus token every step
+
+
+@pytest.mark.parametrize("drafter, tree", [("draft_random", "chain4"),
+                                           ("draft_random", "tree_3_2_1"),
+                                           ("prompt_lookup", "tree_3_2_1")])
+def test_tiny_sampling_lossless(tiny16, drafter, tree):
+    """Chi-square two-sample test on the joint of generated tokens 2 and 3 (the first token comes
+    from the prefill; the next ones go through verification) and on token 4's marginal."""
+    module, params, *_ = tiny16
+    drafter, drafter_params = _drafters(tiny16)[drafter]
+    sampling = Sampling(temperature=0.7, top_k=8)
+    n = 20000
+    prompt = [[3, 9, 3, 9, 3]] * n  # repetitive: prompt lookup finds matches
+    ref = autoregressive.generate(module, params, prompt, max_new_tokens=4, sampling=sampling,
+                                  rng=jax.random.PRNGKey(1))
+    out = speculative.generate(module, params, prompt, drafter=drafter,
+                               drafter_params=drafter_params, tree=TREES[tree],
+                               max_new_tokens=4, sampling=sampling, rng=jax.random.PRNGKey(2))
+    assert out.accepted.sum() > out.steps  # some drafts were accepted (checks it is exercised)
+    for cells in (lambda t: t[:, 1] * 16 + t[:, 2], lambda t: t[:, 3]):
+        a, b = cells(ref.tokens), cells(out.tokens)
+        values = np.union1d(a, b)
+        table = np.stack([(a[:, None] == values).sum(0), (b[:, None] == values).sum(0)])
+        table = table[:, table.sum(0) >= 10]  # chi-square needs expected counts >= 5
+        stat, p_value, dof, _ = scipy.stats.chi2_contingency(table)
+        print(f"chi2={stat:.1f} dof={dof} p={p_value:.3f}")
+        assert p_value > 1e-3, (stat, dof, p_value)
+
+
+def test_vocabulary_mismatch_is_refused(tiny):
+    module, params, *_ = tiny
+    _, path = tiny_models.make("llama_gqa_untied", vocab_size=96, num_layers=1)
+    config, draft_params = hf.load_hf_dir(path)
+    with pytest.raises(ValueError, match="vocabulary of 96 tokens but the target has 64"):
+        speculative.generate(module, params, [[1, 2]], drafter=DraftModel(Transformer(config)),
+                             drafter_params=draft_params, max_new_tokens=4)
+
+
+def test_max_new_tokens_beyond_cache(tiny):
+    module, params, *_ = tiny
+    with pytest.raises(CacheTooSmallError, match="plus 5 draft slots needs"):
+        speculative.generate(module, params, [[1] * 30], drafter=PromptLookup(), tree=4,
+                             max_new_tokens=40, cache_length=64)
+    with pytest.raises(CacheTooSmallError, match="raise cache_length"):
+        autoregressive.generate(module, params, [[1] * 70], max_new_tokens=1, cache_length=64)
+
+
+def test_bad_draft_length(tiny):
+    module, params, *_ = tiny
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        speculative.generate(module, params, [[1]], drafter=PromptLookup(), tree=0,
+                             max_new_tokens=4)
