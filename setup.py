@@ -23,6 +23,7 @@ setup(
         "safetensors>=0.6",
         "gguf==0.19.0",
         "tqdm",
+        "tensorboardX",
         "numpy",
         "matplotlib",
     ],

@@ -30,6 +30,8 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    ("masks", None),  # the drafter's k mask embeddings
+    ("fused", None),  # the drafter's [embedding; feature] input
 )
 
 

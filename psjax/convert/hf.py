@@ -37,19 +37,25 @@ class MissingTensorError(KeyError):
         return str(self.args[0])
 
 
+def layer_mapping(config: ModelConfig, hf_prefix: str,
+                  our_path: tuple[str, ...]) -> Iterator[tuple[str, tuple[str, ...], bool]]:
+    """Yields (HF name, psjax path, transpose) for the tensors of one decoder layer: HF names
+    under `hf_prefix` (e.g. "model.layers.3"), psjax paths under `our_path` (e.g. ("layers_3",))."""
+    for hf, ours in _LINEARS.items():
+        path = (*our_path, *ours.split("/"))
+        yield f"{hf_prefix}.{hf}.weight", (*path, "kernel"), True
+        if config.attention_bias and hf in ("self_attn.q_proj", "self_attn.k_proj",
+                                            "self_attn.v_proj"):
+            yield f"{hf_prefix}.{hf}.bias", (*path, "bias"), False
+    for hf, ours in _NORMS.items():
+        yield f"{hf_prefix}.{hf}.weight", (*our_path, ours, "scale"), False
+
+
 def mapping(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], bool]]:
     """Yields (HF name, psjax path, transpose) for every tensor of `config`'s model."""
     yield "model.embed_tokens.weight", ("embed_tokens", "embedding"), False
     for i in range(config.num_hidden_layers):
-        layer = f"layers_{i}"
-        for hf, ours in _LINEARS.items():
-            path = (layer, *ours.split("/"))
-            yield f"model.layers.{i}.{hf}.weight", (*path, "kernel"), True
-            if config.attention_bias and hf in ("self_attn.q_proj", "self_attn.k_proj",
-                                                "self_attn.v_proj"):
-                yield f"model.layers.{i}.{hf}.bias", (*path, "bias"), False
-        for hf, ours in _NORMS.items():
-            yield f"model.layers.{i}.{hf}.weight", (layer, ours, "scale"), False
+        yield from layer_mapping(config, f"model.layers.{i}", (f"layers_{i}",))
     yield "model.norm.weight", ("norm", "scale"), False
     if not config.tie_word_embeddings:
         yield "lm_head.weight", ("lm_head", "kernel"), True
@@ -80,8 +86,13 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig,
 
 
 def state_dict_from_params(params: Mapping, config: ModelConfig, dtype=np.float32) -> dict:
+    return state_dict_from_table(params, mapping(config), dtype)
+
+
+def state_dict_from_table(params: Mapping, table, dtype=np.float32) -> dict:
+    """Parameter pytree -> HF-named numpy arrays along a (HF name, path, transpose) table."""
     out = {}
-    for name, path, transpose in mapping(config):
+    for name, path, transpose in table:
         node = params
         for key in path:
             node = node[key]

@@ -145,7 +145,7 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
         raise ValueError(f"the tree is {tree.max_depth} deep but the drafter proposes at most "
                          f"{drafter.max_depth} positions per step; use k <= {drafter.max_depth}")
     tokens, lengths = common.pad_prompts(prompts, pad_id)
-    lookahead = tree.num_nodes + 1
+    lookahead = max(tree.num_nodes + 1, drafter.cache_lookahead(tree.max_depth))
     if cache_length is None:
         cache_length = int(tokens.shape[1]) + max_new_tokens + lookahead
     common.check_capacity(lengths, tokens.shape[1], max_new_tokens, cache_length, lookahead)

@@ -72,6 +72,10 @@ class Drafter(abc.ABC):
         """The deepest draft it can propose in one step (None: unbounded)."""
         return None
 
+    def cache_lookahead(self, depth: int) -> int:
+        """Cache slots past the root one step may write, for a draft `depth` deep."""
+        return 0
+
     @abc.abstractmethod
     def init_state(self, params, prompt: Prompt, context: Context, cache_length: int) -> Any:
         """`cache_length` has room for the prompt, the generation and one step's lookahead."""

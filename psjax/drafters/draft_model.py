@@ -40,6 +40,9 @@ class DraftModel(Drafter):
     def vocab_size(self):
         return self.module.config.vocab_size
 
+    def cache_lookahead(self, depth: int) -> int:
+        return depth + 1  # the catch-up block, then the drafts after the root
+
     def init_state(self, params, prompt, context, cache_length):
         cache = KVCache.create(self.module.config, prompt.tokens.shape[0], cache_length,
                                self.module.dtype)

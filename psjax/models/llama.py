@@ -174,10 +174,10 @@ class Transformer(nn.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array,
                  cache: kv_cache.KVCache | None = None,
                  block_mask: jax.Array | None = None,
-                 logits_at: jax.Array | None = None) -> Output:
+                 logits_at: jax.Array | None = None, compute_logits: bool = True) -> Output:
         """tokens, positions [B, T]; block_mask [B, T, T] among the new tokens (default causal).
         `logits_at` [B]: compute logits only at that index of each row ([B, 1, V]); prefill
-        of long prompts needs no [B, T, V] array.
+        of long prompts needs no [B, T, V] array. `compute_logits=False`: hidden states only.
 
         With a cache, the new keys/values are written after `cache.lengths` (not committed) and
         every committed slot is visible; without one, the T tokens attend among themselves."""
@@ -198,6 +198,8 @@ class Transformer(nn.Module):
                 new_v.append(kv[1])
         hidden = self.norm(x)
         new_cache = None if cache is None else cache.replace(k=tuple(new_k), v=tuple(new_v))
+        if not compute_logits:
+            return Output(None, hidden, new_cache)
         head_in = hidden if logits_at is None else jnp.take_along_axis(
             hidden, logits_at[:, None, None], axis=1)
         return Output(self.logits(head_in), hidden, new_cache)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -48,6 +49,19 @@ class Target:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def random_target(config: ModelConfig, seed: int = 0, dtype: str = "float32",
+                  scale: float = 1.0) -> Target:
+    """A target of the given shapes with random weights (tiny test configs, and real shapes for
+    timing models too large to bring along). `scale` multiplies the init: larger makes peakier
+    next-token distributions, which a drafter can learn."""
+    module = Transformer(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
+    dummy = jnp.zeros((1, 4), jnp.int32)
+    params = jax.jit(lambda rng: jax.tree.map(
+        lambda x: x * scale if x.ndim > 1 else x,
+        nn.meta.unbox(module.init(rng, dummy, dummy)["params"])))(jax.random.PRNGKey(seed))
+    return Target(module, params, None)
 
 
 def load_target(name_or_path: str, dtype: str = "float32", tokenizer: bool = True) -> Target:

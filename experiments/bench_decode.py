@@ -1,0 +1,308 @@
+"""Autoregressive greedy decoding speed: psjax's compiled loop against transformers, side by side.
+
+Methods (`--methods`, run in this order, each failure caught and reported as such):
+  psjax_ar            psjax.decoding.autoregressive.generate: prefill + one jitted while_loop.
+  hf_generate         transformers `generate(do_sample=False)`, default dynamic cache, eager.
+  hf_static_compiled  transformers `generate` with `cache_implementation="static"` and
+                      `compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead")`:
+                      transformers 5 compiles the decode step itself when the cache is static
+                      (prefill stays eager); `max_cache_len` fixes the cache size so one
+                      compilation serves every prompt.
+  hf_static_compiled_forward  (optional) the older recipe, `model.forward = torch.compile(
+                      model.forward, mode="reduce-overhead", fullgraph=True)`, with generate's
+                      own compilation disabled (the prefill is compiled too).
+
+Fixed-length timing: every row generates exactly --max_new_tokens tokens (psjax: no EOS ids;
+transformers: min_new_tokens = max_new_tokens), so all methods do the same work. Prompts are the
+first --num_prompts of 3-per-category Spec-Bench questions (first turn, chat template),
+interleaved across categories; at batch B they go in batches of B (different lengths: psjax
+right-pads, transformers left-pads), the last batch wrapping around to the first prompts.
+Compilation is excluded (warm-up first); wall time covers prefill + decoding of a batch, with
+the device synchronised before the clock is read; the per-batch time is the median over repeats.
+tokens/s = generated tokens / summed batch seconds; ms/step = seconds per batch / max_new_tokens.
+The floor is the weight-read floor: weight bytes / --bandwidth_tbps (0 = measure it here).
+
+On the GPU machine (no PyPI there: bring the GGUF as GPU.md says, plus the `gguf` wheel in
+.whl/ for the conversion), from the repository root:
+
+    PYTHONPATH=.:.whl python3 experiments/bench_decode.py --model /tmp/model.gguf \
+        --out /tmp/out/bench_decode_smollm2.json
+
+(`--model` also takes a registry name, `smollm2-135m-instruct`, or a local HF directory; a .gguf
+is converted once into `<file>.hf/`.) Budget: one model per command; at the defaults
+hf_generate is the slow one (~2.5 minutes at ~33 tok/s for batch 1), so it runs --hf_repeats (1)
+times. The 18 default prompts reach 789 tokens (SmolLM2), so the cache is 1280 slots.
+
+Smoke test on a CPU: `--num_prompts 2 --max_new_tokens 8 --batch_sizes 1,2`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import glob
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch
+
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import psjax  # noqa: E402
+from psjax.data import spec_bench  # noqa: E402
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m-instruct",
+                    "registry name, local HF directory, or a .gguf file")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weights and compute dtype")
+flags.DEFINE_string("batch_sizes", "1,8", "comma-separated batch sizes")
+flags.DEFINE_integer("max_new_tokens", 256, "tokens generated per row (exactly)")
+flags.DEFINE_integer("num_prompts", 18, "Spec-Bench prompts (3 per category, interleaved)")
+flags.DEFINE_string("questions", os.path.join(_REPO, "..", "shared", "data", "spec_bench",
+                                              "question.jsonl"), "Spec-Bench question.jsonl")
+flags.DEFINE_string("methods", "psjax_ar,hf_generate,hf_static_compiled", "methods to run")
+flags.DEFINE_integer("repeats", 3, "timed passes of psjax_ar and hf_static_compiled* (median)")
+flags.DEFINE_integer("hf_repeats", 1, "timed passes of hf_generate (slow: ~30 ms a step)")
+flags.DEFINE_integer("cache_length", 0, "KV cache slots (psjax, HF static); 0 = the longest "
+                     "padded prompt + max_new_tokens rounded up to 256, at least 1024")
+flags.DEFINE_float("bandwidth_tbps", 2.86, "memory bandwidth for the floor; 0 = measure")
+flags.DEFINE_string("out", "", "JSON file for all results (optional)")
+
+HF_METHODS = ("hf_generate", "hf_static_compiled", "hf_static_compiled_forward")
+
+
+# ---------------------------------------------------------------- set-up
+
+def resolve_model(name: str) -> str:
+    """An HF directory for a registry name, an HF directory, or a .gguf file."""
+    if os.path.isdir(name):
+        return name
+    from psjax.convert import registry
+    if name.endswith(".gguf"):
+        out = name + ".hf"
+        if not os.path.isdir(out):
+            registry.convert_gguf(name, out)
+        return out
+    return registry.fetch(name)
+
+
+def count_params(hf_dir: str) -> int:
+    """Parameters as stored (tied embeddings once), from the safetensors headers."""
+    from safetensors import safe_open
+    total = 0
+    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
+        with safe_open(path, "np") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
+def measure_bandwidth_tbps() -> float:
+    """An elementwise pass (read + write) over a large array, through JAX."""
+    on_cpu = jax.devices()[0].platform == "cpu"
+    n = (256 if on_cpu else 2048) * 2**20 // 4
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda a: a * 1.0001 + 1.0)
+    f(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * 4 * n / min(times) / 1e12
+
+
+def select_prompts(target, path: str, n: int) -> list[dict]:
+    per_category = -(-n // len(spec_bench.CATEGORIES))
+    questions = spec_bench.interleave(spec_bench.load_questions(path, per_category))[:n]
+    for q in questions:
+        q["ids"] = target.chat_prompt(q["turns"][:1])
+    return questions
+
+
+def batches(prompts: list[list[int]], b: int) -> list[list[list[int]]]:
+    """Batches of exactly b prompts; the last wraps around to the first prompts."""
+    k = -(-len(prompts) // b)
+    return [[prompts[(i * b + j) % len(prompts)] for j in range(b)] for i in range(k)]
+
+
+def time_batches(run_batch, groups, repeats: int, warmup) -> list[float]:
+    """Per-batch median seconds; `warmup` lists the batches run (untimed) first."""
+    for g in warmup:
+        run_batch(g)
+    times = [[] for _ in groups]
+    for _ in range(repeats):
+        for i, g in enumerate(groups):
+            t = time.perf_counter()
+            run_batch(g)  # returns only once the device is done
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+# ---------------------------------------------------------------- methods
+
+def bench_psjax(target, groups, n_new, cache_length, repeats):
+    def run(g):
+        out = psjax.generate_autoregressive(target.module, target.params, g,
+                                            max_new_tokens=n_new, eos_ids=(),
+                                            cache_length=cache_length)
+        assert (out.num_generated == n_new).all() and out.steps == n_new, out.num_generated
+    # Every batch once: the jit specialises on the prompt width (a multiple of 64).
+    return time_batches(run, groups, repeats, warmup=groups), {}
+
+
+def bench_hf(method, hf_dir, dtype, groups, n_new, cache_length, repeats, pad_id):
+    import torch
+    import transformers
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    kwargs = dict(do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
+                  pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
+    if method == "hf_static_compiled":
+        config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
+        config._compile_all_devices = device == "cpu"  # generate compiles only on GPUs otherwise
+        kwargs.update(cache_implementation="static", compile_config=config)
+    elif method == "hf_static_compiled_forward":
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        kwargs.update(cache_implementation="static", disable_compile=True)
+    if "static" in method and hasattr(transformers.GenerationConfig(), "max_cache_len"):
+        kwargs["max_cache_len"] = cache_length  # else: sized by the first (longest) call
+
+    def run(g):
+        width = max(len(p) for p in g)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in g], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in g], device=device)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        out = out.cpu()  # synchronises
+        assert out.shape[1] == width + n_new, (out.shape, width, n_new)
+
+    longest = max(groups, key=lambda g: max(len(p) for p in g))
+    warmup = [longest] * (2 if "static" in method else 1)
+    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    before = graphs()
+    try:
+        secs = time_batches(run, groups, repeats, warmup)
+        return secs, {"compiled_graphs": graphs() - before}  # warm-up included
+    finally:
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- report
+
+def device_names(methods) -> dict:
+    names = {"jax": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"}
+    if any(m in HF_METHODS for m in methods):
+        import torch
+        names["torch"] = (f"cuda: {torch.cuda.get_device_name()}" if torch.cuda.is_available()
+                          else "cpu")
+        names["versions"] = f"jax {jax.__version__}, torch {torch.__version__}"
+        import transformers
+        names["versions"] += f", transformers {transformers.__version__}"
+    return names
+
+
+def header(i: dict) -> list[str]:
+    lengths = i["prompt_lengths"]
+    return [
+        f"# Greedy decoding, {i['model']}, {i['dtype']}, {i['date']}",
+        "device: " + "; ".join(f"{k} = {v}" for k, v in i["devices"].items()),
+        f"{len(lengths)} Spec-Bench prompts (first turn, chat template, {min(lengths)}-"
+        f"{max(lengths)} tokens), exactly {i['max_new_tokens']} new tokens a row (no EOS stop), "
+        f"cache {i['cache_length']}, median of {i['repeats']} (hf_generate {i['hf_repeats']}); "
+        "ms/step includes the prefill",
+        f"weight-read floor: {i['params'] / 1e6:.1f}M params x "
+        f"{i['weight_bytes'] // i['params']} B = {i['weight_bytes'] / 1e9:.3f} GB / "
+        f"{i['bandwidth_tbps']:.3g} TB/s = {i['floor_ms_per_step']:.4f} ms/step "
+        f"({1e3 / i['floor_ms_per_step']:.0f} tokens/s at batch 1)"]
+
+
+def table(rows, floor_ms, header) -> str:
+    lines = header + ["", "| method | batch | tokens/s | ms/step | x vs best transformers | "
+                      "x floor |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['method']} | {r['batch']} | failed: {r['error'][:120]} | | | |")
+            continue
+        hf = [x["tokens_per_s"] for x in rows if x["batch"] == r["batch"]
+              and x["method"] in HF_METHODS and x["status"] == "ok"]
+        vs = f"{r['tokens_per_s'] / max(hf):.2f}x" if hf else "-"
+        lines.append(f"| {r['method']} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['ms_per_step']:.3f} | {vs} | {r['ms_per_step'] / floor_ms:.1f}x |")
+    return "\n".join(lines)
+
+
+def run_methods(methods, target, hf_dir, prompts, n_new, cache_length) -> list[dict]:
+    rows = []
+    for method in methods:
+        for b in map(int, FLAGS.batch_sizes.split(",")):
+            groups = batches(prompts, b)
+            row = {"method": method, "batch": b, "num_batches": len(groups)}
+            try:
+                if method == "psjax_ar":
+                    secs, extra = bench_psjax(target, groups, n_new, cache_length, FLAGS.repeats)
+                else:
+                    reps = FLAGS.hf_repeats if method == "hf_generate" else FLAGS.repeats
+                    secs, extra = bench_hf(method, hf_dir, FLAGS.dtype, groups, n_new,
+                                           cache_length, reps, pad_id_of(target))
+                row.update(status="ok", batch_seconds=secs, **extra,
+                           tokens_per_s=len(groups) * b * n_new / sum(secs),
+                           ms_per_step=1e3 * sum(secs) / (len(groups) * n_new))
+            except Exception as e:  # noqa: BLE001 - one method's failure must not stop the rest
+                row.update(status="failed", error=f"{type(e).__name__}: {e}".replace("\n", " "))
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def pad_id_of(target) -> int:
+    pad_id = target.tokenizer.pad_token_id
+    return target.eos_ids[0] if pad_id is None else pad_id
+
+
+def main(argv):
+    del argv
+    methods = [m for m in FLAGS.methods.split(",") if m]
+    if set(methods) - {"psjax_ar", *HF_METHODS}:
+        raise app.UsageError(f"unknown methods in {methods}")
+    hf_dir = resolve_model(FLAGS.model)
+    target = psjax.load_target(hf_dir, dtype=FLAGS.dtype)
+    prompts = [q["ids"] for q in select_prompts(target, FLAGS.questions, FLAGS.num_prompts)]
+    n_new = FLAGS.max_new_tokens
+    longest = -(-max(map(len, prompts)) // 64) * 64  # psjax pads prompts to multiples of 64
+    cache_length = FLAGS.cache_length or max(1024, 256 * -(-(longest + n_new) // 256))
+    params = count_params(hf_dir)
+    weight_bytes = params * jnp.dtype(FLAGS.dtype).itemsize
+    bandwidth = FLAGS.bandwidth_tbps or measure_bandwidth_tbps()
+    floor_ms = weight_bytes / (bandwidth * 1e12) * 1e3
+
+    rows = run_methods(methods, target, hf_dir, prompts, n_new, cache_length)
+
+    devices = device_names(methods)
+    info = dict(command=" ".join(sys.argv), date=str(datetime.date.today()), devices=devices,
+                model=FLAGS.model, hf_dir=hf_dir, dtype=FLAGS.dtype, max_new_tokens=n_new,
+                fixed_length=True, cache_length=cache_length,
+                prompt_lengths=list(map(len, prompts)),
+                params=params, weight_bytes=weight_bytes, bandwidth_tbps=bandwidth,
+                floor_ms_per_step=floor_ms, repeats=FLAGS.repeats, hf_repeats=FLAGS.hf_repeats)
+    report = table(rows, floor_ms, header(info))
+    print("\n" + report)
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        with open(FLAGS.out, "w") as f:
+            json.dump({**info, "results": rows, "table": report}, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

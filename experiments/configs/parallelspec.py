@@ -1,0 +1,86 @@
+"""ParallelSpec drafter training configs: `--config experiments/configs/parallelspec.py:VARIANT`.
+
+Variants:
+  tiny    a tiny random target distilled on its own answers to random prompts (CPU, ~1 min);
+          what CI runs:
+            python experiments/train_drafter.py \\
+              --config experiments/configs/parallelspec.py:tiny --workdir /tmp/ps_tiny
+  smollm2 SmolLM2-135M-Instruct on self-distilled ShareGPT (GPU):
+            python experiments/generate_data.py --target smollm2-135m-instruct ...
+            python experiments/train_drafter.py \\
+              --config experiments/configs/parallelspec.py:smollm2 --workdir workdir/ps_smollm2
+  qwen05b Qwen2.5-Coder-0.5B-Instruct, likewise.
+Override anything from the command line, e.g. `--config.drafter.num_masks=8`.
+"""
+
+import ml_collections
+
+TINY_TARGET = dict(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   max_position_embeddings=512, tie_word_embeddings=True)
+
+
+def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.target = "smollm2-135m-instruct"  # registry name, HF directory, or "random" (tiny)
+    c.target_random_config = ml_collections.ConfigDict(TINY_TARGET)
+    c.target_dtype = "bfloat16"
+    c.compute_dtype = "bfloat16"
+
+    c.drafter = ml_collections.ConfigDict(dict(num_masks=4, input_mode="feature"))
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tfds"  # "tfds": the SelfDistilled dataset; "random_prompts": distil now
+    c.data.data_dir = "workdir/tfds"
+    c.data.dataset = ""  # the SelfDistilled config name; "" picks the target's default
+    c.data.num_random_prompts = 0
+    c.data.random_prompt_length = 0
+    c.data.random_answer_length = 0
+    c.max_length = 512
+
+    c.batch_size = 16
+    c.total_steps = 2000
+    c.learning_rate = 1e-3
+    c.warmup_steps = 100
+    c.weight_decay = 0.0
+    c.clip_norm = 1.0
+    c.grad_accum = 1
+    c.loss = ml_collections.ConfigDict(dict(soft_weight=1.0, hard_weight=0.1, num_anchors=64))
+    c.seed = 0
+    c.mesh = (1, -1, 1)  # data, fsdp, tensor; -1 takes the remaining devices
+    c.log_every = 20
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.init_from = ""
+    c.peak_tflops = 989.0
+    c.eval_every = 500
+    c.eval_prompts = 8  # held-out Spec-Bench prompts for the periodic tau evaluation
+    c.eval_max_new_tokens = 64
+    c.spec_bench = "../shared/data/spec_bench/question.jsonl"
+    c.export_max_shard_mb = 15
+
+    if variant == "tiny":
+        c.target = "random"
+        c.target_dtype = "float32"
+        c.compute_dtype = "float32"
+        c.data.source = "random_prompts"
+        c.data.num_random_prompts = 64
+        c.data.random_prompt_length = 8
+        c.data.random_answer_length = 24
+        c.max_length = 32
+        c.batch_size = 8
+        c.total_steps = 20
+        c.learning_rate = 3e-3
+        c.warmup_steps = 2
+        c.loss.num_anchors = 32
+        c.log_every = 5
+        c.checkpoint_every = 10
+        c.eval_every = 20
+        c.eval_prompts = 4
+        c.eval_max_new_tokens = 16
+        c.peak_tflops = 1.0
+    elif variant == "qwen05b":
+        c.target = "qwen2.5-coder-0.5b-instruct"
+    elif variant != "smollm2":
+        raise ValueError(f"unknown variant {variant!r}: tiny, smollm2 or qwen05b")
+    return c

@@ -1,0 +1,1 @@
+"""Evaluation and training data: Spec-Bench questions."""

@@ -1,0 +1,42 @@
+"""Training batches: self-distilled sequences, in a deterministic order that resumes exactly.
+
+An example is a dict with `tokens` (prompt + answer ids) and `prompt_length`. Any random-access
+source works: a TFDS ArrayRecord data source (psjax.data.builders.SelfDistilled) or a list. The
+order is a fixed permutation per epoch, so a position (examples consumed) names the next batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+
+def collate(examples: Sequence[dict], max_length: int, pad_id: int = 0) -> dict:
+    """Crops/pads to [B, max_length]; `lengths` counts real tokens, `prompt_lengths` the prompt."""
+    b = len(examples)
+    tokens = np.full((b, max_length), pad_id, np.int32)
+    lengths = np.zeros((b,), np.int32)
+    prompt_lengths = np.zeros((b,), np.int32)
+    for i, ex in enumerate(examples):
+        seq = np.asarray(ex["tokens"], np.int32)[:max_length]
+        tokens[i, :len(seq)] = seq
+        lengths[i] = len(seq)
+        prompt_lengths[i] = min(int(ex["prompt_length"]), len(seq))
+    return {"tokens": tokens, "lengths": lengths, "prompt_lengths": prompt_lengths}
+
+
+def batches(source: Sequence[Any], batch_size: int, max_length: int, seed: int,
+            position: int = 0) -> Iterator[tuple[int, dict]]:
+    """Yields (position after this batch, batch) forever, starting at `position`."""
+    n = len(source)
+    if n == 0:
+        raise ValueError("the training data source is empty")
+    while True:
+        epoch, offset = divmod(position, n)
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        ids = [order[(offset + i) % n] if offset + i < n else
+               np.random.default_rng([seed, epoch + 1]).permutation(n)[offset + i - n]
+               for i in range(batch_size)]
+        position += batch_size
+        yield position, collate([source[int(i)] for i in ids], max_length)

@@ -1,0 +1,282 @@
+"""Distils a ParallelSpec drafter from its frozen target: one jitted, sharded, donated train step.
+
+The step runs the target once under `stop_gradient` (hidden states of the whole sequence), then
+the drafter once over the sequence plus a group of k masks after each sampled anchor (group-wise
+parallel training), and differentiates the drafter only. MASK_m of the group at anchor t learns
+the target's distribution for the token at t + m (soft labels, KL) and/or that token (hard
+labels). Metrics are kept per draft position: top-1 agreement with the target predicts
+acceptance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from psjax import sharding
+from psjax.drafters import parallelspec
+from psjax.models.llama import Transformer
+from psjax.models.target import Target
+from psjax.training import checkpoint, data
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    soft_weight: float = 1.0  # KL(target || drafter) at each mask
+    hard_weight: float = 0.0  # cross-entropy on the token the target actually produced
+    num_anchors: int = 64  # groups per sequence; >= max_length means every position
+
+
+def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int,
+                   weight_decay: float = 0.0, clip_norm: float = 1.0, grad_accum: int = 1,
+                   b1: float = 0.9, b2: float = 0.95) -> optax.GradientTransformation:
+    updates = max(1, total_steps // grad_accum)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, min(warmup_steps, updates - 1) if updates > 1 else 0, updates,
+        end_value=0.1 * learning_rate)
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm),
+                     optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
+
+
+def sample_anchors(rng, lengths, prompt_lengths, max_length: int, num_anchors: int):
+    """[B, G] anchor positions and their validity. An anchor is a real token from the last
+    prompt token on, with at least one real token after it: what drafting sees."""
+    b = lengths.shape[0]
+    pos = jnp.arange(max_length)
+    valid = (pos[None] >= prompt_lengths[:, None] - 1) & (pos[None] <= lengths[:, None] - 2)
+    if num_anchors >= max_length:
+        return jnp.broadcast_to(pos, (b, max_length)), valid
+    scores = jnp.where(valid, jax.random.uniform(rng, (b, max_length)), -1.0)
+    _, anchors = jax.lax.top_k(scores, num_anchors)
+    return anchors.astype(jnp.int32), jnp.take_along_axis(valid, anchors, axis=1)
+
+
+def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.ParallelSpec,
+            loss: LossConfig):
+    target: Transformer = drafter.target_module
+    tokens, lengths = batch["tokens"], batch["lengths"]
+    b, length = tokens.shape
+    k = drafter.config.num_masks
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    hidden = jax.lax.stop_gradient(target.apply(
+        {"params": target_params}, tokens, positions, compute_logits=False).hidden)
+    anchors, anchor_valid = sample_anchors(rng, lengths, batch["prompt_lengths"], length,
+                                           loss.num_anchors)
+    q_logits = drafter.training_logits(params, target_params, tokens, hidden, anchors, lengths)
+    predicted = anchors[:, :, None] + jnp.arange(1, k + 1)  # [B, G, k] position of the token
+    valid = anchor_valid[:, :, None] & (predicted <= lengths[:, None, None] - 1)
+    index = jnp.clip(predicted, 0, length - 1).reshape(b, -1)
+    # The target's distribution for the token at position t + m comes from position t + m - 1.
+    prev_hidden = jnp.take_along_axis(hidden, (index - 1)[:, :, None], axis=1)
+    p_logits = jax.lax.stop_gradient(parallelspec.target_logits(
+        target, target_params, prev_hidden)).reshape(q_logits.shape)
+    log_p = jax.nn.log_softmax(p_logits.astype(jnp.float32))
+    log_q = jax.nn.log_softmax(q_logits.astype(jnp.float32))
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    labels = jnp.take_along_axis(tokens, index, axis=1).reshape(predicted.shape)
+    ce = -jnp.take_along_axis(log_q, labels[..., None], axis=-1)[..., 0]
+    per_token = loss.soft_weight * kl + loss.hard_weight * ce
+    weight = valid.astype(jnp.float32)
+    total = jnp.sum(per_token * weight) / jnp.maximum(weight.sum(), 1.0)
+
+    agree = (jnp.argmax(q_logits, -1) == jnp.argmax(p_logits, -1)).astype(jnp.float32)
+    per_position = lambda x: jnp.sum(x * weight, axis=(0, 1)) / jnp.maximum(
+        weight.sum(axis=(0, 1)), 1.0)
+    top1 = per_position(agree)
+    metrics = {"loss": total, "kl": per_position(kl), "ce": per_position(ce), "top1": top1,
+               # Chain acceptance if positions agreed independently: 1 + sum_m prod_{j<=m}.
+               "tau_estimate": 1.0 + jnp.sum(jnp.cumprod(top1)),
+               "num_predictions": weight.sum()}
+    return total, metrics
+
+
+def step_flops(target_config, drafter_config, batch: int, length: int, num_anchors: int) -> float:
+    """Model FLOPs of one train step: target forward, drafter forward and backward (backward =
+    2x forward), the LM head on every mask for both models (the drafter's head backward computes
+    input gradients only). Attention counts the dense [T, T] scores the step computes."""
+    c = target_config
+    d, v = c.hidden_size, c.vocab_size
+    q = c.num_attention_heads * c.head_dim
+    kv = c.num_key_value_heads * c.head_dim
+    layer = d * q + 2 * d * kv + q * d + 3 * d * c.intermediate_size
+    groups = min(num_anchors, length)
+    masks = batch * groups * drafter_config.num_masks
+    t_drafter = length + groups * drafter_config.num_masks
+    target_fwd = 2 * batch * length * c.num_hidden_layers * layer
+    target_fwd += 4 * batch * length * length * q * c.num_hidden_layers  # QK^T and PV
+    target_head = 2 * masks * d * v
+    drafter_layer = layer + (2 * d * d if drafter_config.input_mode == "feature" else 0)
+    drafter = 6 * batch * t_drafter * drafter_layer + 3 * 4 * batch * t_drafter ** 2 * q
+    drafter_head = 4 * masks * d * v
+    return float(target_fwd + target_head + drafter + drafter_head)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything the loop needs besides model and data (experiments/configs fill it)."""
+
+    workdir: str
+    batch_size: int
+    max_length: int
+    total_steps: int
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+    loss: LossConfig = LossConfig()
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    init_from: str = ""
+    mesh: tuple[int, int, int] = (1, -1, 1)  # data, fsdp, tensor
+    rules: Sequence = sharding.DEFAULT_RULES
+    peak_tflops: float = 989.0  # bf16 dense peak of the card, for MFU
+    eval_every: int = 0  # 0: no periodic tau evaluation
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, target: Target, drafter_config:
+                 parallelspec.ParallelSpecConfig, target_name: str, compute_dtype=jnp.bfloat16):
+        self.config = config
+        self.target = target
+        self.target_name = target_name
+        self.drafter = parallelspec.build(drafter_config, target.module, dtype=compute_dtype,
+                                          param_dtype=jnp.float32)
+        self.mesh = sharding.make_mesh(*config.mesh)
+        self.tx = make_optimizer(config.learning_rate, config.total_steps, config.warmup_steps,
+                                 config.weight_decay, config.clip_norm, config.grad_accum)
+        self._place_target()
+        self.state = self._init_state()
+        self.batch_sharding = {k: sharding.data_sharding(self.mesh, n) for k, n in
+                               (("tokens", 2), ("lengths", 1), ("prompt_lengths", 1))}
+        self._step = jax.jit(
+            self._train_step, donate_argnums=(0,),
+            in_shardings=(self.state_sharding, self.target_sharding, self.batch_sharding, None),
+            out_shardings=(self.state_sharding, None))
+
+    # --- set-up ------------------------------------------------------------------------------
+
+    def _place_target(self):
+        module = self.target.module
+        dummy = jnp.zeros((1, 4), jnp.int32)
+        logical = sharding.logical_axes(
+            lambda: module.init(jax.random.PRNGKey(0), dummy, dummy))["params"]
+        self.target_sharding = sharding.shardings(logical, self.target.params, self.mesh,
+                                                  self.config.rules)
+        self.target_params = jax.device_put(self.target.params, self.target_sharding)
+
+    def _init_state(self) -> TrainState:
+        """Shapes first (eval_shape), then a sharded init: nothing is materialised whole."""
+        init = lambda rng: parallelspec.init_params(self.drafter, rng, unbox=False)
+        logical = nn.get_partition_spec(jax.eval_shape(init, jax.random.PRNGKey(0)))
+        abstract = jax.eval_shape(lambda r: nn.meta.unbox(init(r)), jax.random.PRNGKey(0))
+        param_sharding = sharding.shardings(logical, abstract, self.mesh, self.config.rules)
+        params = jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=param_sharding)(
+            jax.random.PRNGKey(self.config.seed))
+        opt_state = jax.jit(self.tx.init)(params)
+        state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
+        self.state_sharding = jax.tree.map(lambda x: x.sharding, state)
+        return state
+
+    def _train_step(self, state: TrainState, target_params, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        grad_fn = jax.value_and_grad(
+            lambda p: loss_fn(p, target_params, batch, rng, drafter=self.drafter,
+                              loss=self.config.loss), has_aux=True)
+        (_, metrics), grads = grad_fn(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return TrainState(state.step + 1, optax.apply_updates(state.params, updates),
+                          opt_state), metrics
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def _meta(self, position: int) -> dict:
+        c = self.drafter.config
+        return {"data_position": position, "target_name": self.target_name,
+                "drafter": {"num_masks": c.num_masks, "input_mode": c.input_mode,
+                            "target_config": c.target.to_hf_dict()}}
+
+    def restore_or_init(self, ckpt: checkpoint.Checkpointer) -> int:
+        """The run's own latest checkpoint, else `init_from` (params only), else scratch.
+        Returns the data position to resume from."""
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.state)
+        if ckpt.latest_step() is not None:
+            self.state, meta = ckpt.restore(abstract)
+            logging.info("resumed from %s step %d", ckpt.directory, int(self.state.step))
+            return int(meta["data_position"])
+        if self.config.init_from:
+            other = checkpoint.Checkpointer(self.config.init_from, async_save=False)
+            restored, _ = other.restore(abstract)
+            other.close()
+            self.state = self.state.replace(params=restored.params)
+            logging.info("initialised drafter params from %s", self.config.init_from)
+        return 0
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def train(self, source: Sequence, evaluate: Callable[[Any], dict] | None = None,
+              on_metrics: Callable[[int, dict], None] | None = None) -> list[dict]:
+        """Runs to `total_steps`; returns the logged metrics (one dict per logged step)."""
+        cfg = self.config
+        os.makedirs(cfg.workdir, exist_ok=True)
+        ckpt = checkpoint.Checkpointer(cfg.workdir, cfg.keep_checkpoints, cfg.checkpoint_every,
+                                       cfg.async_checkpoint)
+        position = self.restore_or_init(ckpt)
+        start = int(self.state.step)
+        flops = step_flops(self.target.config, self.drafter.config, cfg.batch_size,
+                           cfg.max_length, cfg.loss.num_anchors)
+        rng = jax.random.PRNGKey(cfg.seed)
+        history, window_start, window_steps, window_tokens = [], time.perf_counter(), 0, 0
+        stream = data.batches(source, cfg.batch_size, cfg.max_length, cfg.seed, position)
+        with open(os.path.join(cfg.workdir, "metrics.jsonl"), "a") as log_file:
+            for step in range(start, cfg.total_steps):
+                position, batch = next(stream)
+                with sharding.activate(self.mesh, cfg.rules):
+                    self.state, metrics = self._step(self.state, self.target_params, batch,
+                                                     rng)
+                window_steps += 1
+                window_tokens += int(batch["lengths"].sum())
+                done = step + 1 == cfg.total_steps
+                if (step + 1) % cfg.log_every == 0 or done:
+                    metrics = jax.tree.map(lambda x: np.asarray(x).tolist(), metrics)
+                    seconds = time.perf_counter() - window_start
+                    metrics.update(step=step + 1, steps_per_s=window_steps / seconds,
+                                   tokens_per_s=window_tokens / seconds,
+                                   mfu=flops * window_steps / seconds / (cfg.peak_tflops * 1e12))
+                    if evaluate is not None and cfg.eval_every and (
+                            (step + 1) % cfg.eval_every == 0 or done):
+                        metrics.update(evaluate(self.state.params))
+                    history.append(metrics)
+                    log_file.write(json.dumps(metrics) + "\n")
+                    log_file.flush()
+                    if on_metrics is not None:
+                        on_metrics(step + 1, metrics)
+                    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+                ckpt.save(step + 1, self.state, self._meta(position), force=done)
+        ckpt.wait()
+        ckpt.close()
+        return history
