@@ -30,9 +30,11 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
     c.drafter = ml_collections.ConfigDict(dict(num_masks=4, input_mode="feature"))
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds"  # "tfds": the SelfDistilled dataset; "random_prompts": distil now
+    # "tfds": the SelfDistilled ArrayRecord dataset; "jsonl": its source shards (machines
+    # without tensorflow-datasets); "random_prompts": distil random prompts now (tiny).
+    c.data.source = "tfds"
     c.data.data_dir = "workdir/tfds"
-    c.data.dataset = ""  # the SelfDistilled config name; "" picks the target's default
+    c.data.jsonl_dir = "workdir/distilled/smollm2"  # experiments/generate_data.py --out_dir
     c.data.num_random_prompts = 0
     c.data.random_prompt_length = 0
     c.data.random_answer_length = 0
@@ -48,6 +50,7 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(soft_weight=1.0, hard_weight=0.1, num_anchors=64))
     c.seed = 0
     c.mesh = (1, -1, 1)  # data, fsdp, tensor; -1 takes the remaining devices
+    c.num_devices = 0  # 0: every device JAX sees
     c.log_every = 20
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
@@ -81,6 +84,7 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
         c.peak_tflops = 1.0
     elif variant == "qwen05b":
         c.target = "qwen2.5-coder-0.5b-instruct"
+        c.data.jsonl_dir = "workdir/distilled/qwen05b"
     elif variant != "smollm2":
         raise ValueError(f"unknown variant {variant!r}: tiny, smollm2 or qwen05b")
     return c

@@ -44,11 +44,16 @@ def make_source(config, target: Target) -> Sequence[dict]:
         return distil_random_prompts(target, config.data.num_random_prompts,
                                      config.data.random_prompt_length,
                                      config.data.random_answer_length, config.seed)
-    if config.data.source == "tfds":
+    from psjax.data import self_distill
+    if config.data.source == "jsonl":  # generate_answers' shards, read directly
+        return [self_distill.as_arrays(r) for r in self_distill.iter_records(config.data.jsonl_dir)]
+    if config.data.source == "tfds":  # the SelfDistilled ArrayRecord dataset built from them
         from psjax.data import builders
-        return builders.self_distilled_source(config.data.data_dir, config.data.dataset
-                                              or builders.default_config_name(config.target))
-    raise ValueError(f"data.source must be 'tfds' or 'random_prompts', got "
+        builder = builders.SelfDistilled(
+            data_dir=config.data.data_dir,
+            config=builders.self_distilled_config(config.data.jsonl_dir))
+        return builder.as_data_source(split="train")
+    raise ValueError(f"data.source must be 'tfds', 'jsonl' or 'random_prompts', got "
                      f"{config.data.source!r}")
 
 
@@ -95,7 +100,7 @@ def train(config, workdir: str, on_metrics=None) -> tuple[trainer_lib.Trainer, l
         loss=trainer_lib.LossConfig(**config.loss.to_dict()), seed=config.seed,
         log_every=config.log_every, checkpoint_every=config.checkpoint_every,
         keep_checkpoints=config.keep_checkpoints, init_from=config.init_from,
-        mesh=tuple(config.mesh), peak_tflops=config.peak_tflops, eval_every=config.eval_every)
+        mesh=tuple(config.mesh), num_devices=config.num_devices, peak_tflops=config.peak_tflops, eval_every=config.eval_every)
     trainer = trainer_lib.Trainer(train_config, target, drafter_config, target_name,
                                   compute_dtype=DTYPES[config.compute_dtype])
     source = make_source(config, target)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
 from psjax import sharding
 from psjax.drafters import parallelspec
@@ -151,6 +152,7 @@ class TrainConfig:
     async_checkpoint: bool = True
     init_from: str = ""
     mesh: tuple[int, int, int] = (1, -1, 1)  # data, fsdp, tensor
+    num_devices: int = 0  # 0: all devices
     rules: Sequence = sharding.DEFAULT_RULES
     peak_tflops: float = 989.0  # bf16 dense peak of the card, for MFU
     eval_every: int = 0  # 0: no periodic tau evaluation
@@ -164,7 +166,8 @@ class Trainer:
         self.target_name = target_name
         self.drafter = parallelspec.build(drafter_config, target.module, dtype=compute_dtype,
                                           param_dtype=jnp.float32)
-        self.mesh = sharding.make_mesh(*config.mesh)
+        self.mesh = sharding.make_mesh(
+            *config.mesh, devices=jax.devices()[:config.num_devices or None])
         self.tx = make_optimizer(config.learning_rate, config.total_steps, config.warmup_steps,
                                  config.weight_decay, config.clip_norm, config.grad_accum)
         self._place_target()
@@ -197,8 +200,12 @@ class Trainer:
             jax.random.PRNGKey(self.config.seed))
         opt_state = jax.jit(self.tx.init)(params)
         state = TrainState(jnp.zeros((), jnp.int32), params, opt_state)
-        self.state_sharding = jax.tree.map(lambda x: x.sharding, state)
-        return state
+        # Parameter-shaped state follows the params' shardings; scalars (step, counts) are
+        # replicated over the mesh.
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.state_sharding = jax.tree.map(
+            lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated, state)
+        return jax.device_put(state, self.state_sharding)
 
     def _train_step(self, state: TrainState, target_params, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
@@ -207,7 +214,7 @@ class Trainer:
                               loss=self.config.loss), has_aux=True)
         (_, metrics), grads = grad_fn(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(state.step + 1, optax.apply_updates(state.params, updates),
                           opt_state), metrics
 

