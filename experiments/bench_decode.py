@@ -39,22 +39,20 @@ Smoke test on a CPU: `--num_prompts 2 --max_new_tokens 8 --batch_sizes 1,2`.
 from __future__ import annotations
 
 import datetime
-import gc
-import glob
 import json
-import math
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory for torch
 
 from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import psjax  # noqa: E402
+from psjax.bench import hf_baselines  # noqa: E402
+from psjax.bench.hf_baselines import count_params, resolve_model  # noqa: E402
+from psjax.bench.timing import device_names as _device_names  # noqa: E402
+from psjax.bench.timing import measure_bandwidth_tbps, time_batches  # noqa: E402
 from psjax.data import spec_bench  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,44 +79,6 @@ HF_METHODS = ("hf_generate", "hf_static_compiled", "hf_static_compiled_forward")
 
 # ---------------------------------------------------------------- set-up
 
-def resolve_model(name: str) -> str:
-    """An HF directory for a registry name, an HF directory, or a .gguf file."""
-    if os.path.isdir(name):
-        return name
-    from psjax.convert import registry
-    if name.endswith(".gguf"):
-        out = name + ".hf"
-        if not os.path.isdir(out):
-            registry.convert_gguf(name, out)
-        return out
-    return registry.fetch(name)
-
-
-def count_params(hf_dir: str) -> int:
-    """Parameters as stored (tied embeddings once), from the safetensors headers."""
-    from safetensors import safe_open
-    total = 0
-    for path in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
-        with safe_open(path, "np") as f:
-            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return total
-
-
-def measure_bandwidth_tbps() -> float:
-    """An elementwise pass (read + write) over a large array, through JAX."""
-    on_cpu = jax.devices()[0].platform == "cpu"
-    n = (256 if on_cpu else 2048) * 2**20 // 4
-    x = jnp.ones((n,), jnp.float32)
-    f = jax.jit(lambda a: a * 1.0001 + 1.0)
-    f(x).block_until_ready()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * 4 * n / min(times) / 1e12
-
-
 def select_prompts(target, path: str, n: int) -> list[dict]:
     per_category = -(-n // len(spec_bench.CATEGORIES))
     questions = spec_bench.interleave(spec_bench.load_questions(path, per_category))[:n]
@@ -131,19 +91,6 @@ def batches(prompts: list[list[int]], b: int) -> list[list[list[int]]]:
     """Batches of exactly b prompts; the last wraps around to the first prompts."""
     k = -(-len(prompts) // b)
     return [[prompts[(i * b + j) % len(prompts)] for j in range(b)] for i in range(k)]
-
-
-def time_batches(run_batch, groups, repeats: int, warmup) -> list[float]:
-    """Per-batch median seconds; `warmup` lists the batches run (untimed) first."""
-    for g in warmup:
-        run_batch(g)
-    times = [[] for _ in groups]
-    for _ in range(repeats):
-        for i, g in enumerate(groups):
-            t = time.perf_counter()
-            run_batch(g)  # returns only once the device is done
-            times[i].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
 
 
 # ---------------------------------------------------------------- methods
@@ -159,58 +106,29 @@ def bench_psjax(target, groups, n_new, cache_length, repeats):
 
 
 def bench_hf(method, hf_dir, dtype, groups, n_new, cache_length, repeats, pad_id):
-    import torch
-    import transformers
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        hf_dir, dtype=getattr(torch, dtype)).to(device).eval()
-    kwargs = dict(do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new,
-                  pad_token_id=pad_id, temperature=None, top_p=None, top_k=None)
-    if method == "hf_static_compiled":
-        config = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
-        config._compile_all_devices = device == "cpu"  # generate compiles only on GPUs otherwise
-        kwargs.update(cache_implementation="static", compile_config=config)
-    elif method == "hf_static_compiled_forward":
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-        kwargs.update(cache_implementation="static", disable_compile=True)
-    if "static" in method and hasattr(transformers.GenerationConfig(), "max_cache_len"):
-        kwargs["max_cache_len"] = cache_length  # else: sized by the first (longest) call
+    model = hf_baselines.load_model(hf_dir, dtype)
+    kwargs = hf_baselines.generate_kwargs(method, model, max_new_tokens=n_new, pad_id=pad_id,
+                                          cache_length=cache_length, fixed_length=True)
 
     def run(g):
-        width = max(len(p) for p in g)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in g], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in g], device=device)
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        out = out.cpu()  # synchronises
-        assert out.shape[1] == width + n_new, (out.shape, width, n_new)
+        out = hf_baselines.generate(model, g, kwargs, pad_id)  # synchronises
+        assert out.shape[1] == n_new, (out.shape, n_new)
 
     longest = max(groups, key=lambda g: max(len(p) for p in g))
     warmup = [longest] * (2 if "static" in method else 1)
-    graphs = lambda: torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    before = graphs()
+    before = hf_baselines.compiled_graphs()
     try:
         secs = time_batches(run, groups, repeats, warmup)
-        return secs, {"compiled_graphs": graphs() - before}  # warm-up included
+        return secs, {"compiled_graphs": hf_baselines.compiled_graphs() - before}  # warm-up in
     finally:
-        del model
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        del model, kwargs
+        hf_baselines.release()
 
 
 # ---------------------------------------------------------------- report
 
 def device_names(methods) -> dict:
-    names = {"jax": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"}
-    if any(m in HF_METHODS for m in methods):
-        import torch
-        names["torch"] = (f"cuda: {torch.cuda.get_device_name()}" if torch.cuda.is_available()
-                          else "cpu")
-        names["versions"] = f"jax {jax.__version__}, torch {torch.__version__}"
-        import transformers
-        names["versions"] += f", transformers {transformers.__version__}"
-    return names
+    return _device_names(with_torch=any(m in HF_METHODS for m in methods))
 
 
 def header(i: dict) -> list[str]:

@@ -32,7 +32,8 @@ def tiny_target():
 @pytest.mark.parametrize("mode", ["token", "feature"])
 def test_training_mode_equals_drafting_mode(tiny_target, mode):
     """Draft after a prefill, accept 2 drafts + a bonus token, draft again: at both steps the
-    logits at MASK_1..MASK_k equal the training-mode logits of the group at the same anchor."""
+    draft logits (root, MASK_1..MASK_k) equal the training-mode logits of the group at the same
+    anchor."""
     module, params = tiny_target
     drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=4, input_mode=mode), module)
     dparams = ps.init_params(drafter, jax.random.PRNGKey(3))
@@ -67,7 +68,7 @@ def test_random_drafter_is_lossless(tiny_target, mode):
     rs = np.random.RandomState(0)
     prompts = [rs.randint(0, 64, n).tolist() for n in (5, 17, 9, 30)]
     ref = autoregressive.generate(module, params, prompts, max_new_tokens=30, eos_ids=(7,))
-    for tree in (Tree.chain(4), Tree.chain(2), Tree.from_branching((2, 2, 1))):
+    for tree in (Tree.chain(5), Tree.chain(2), Tree.from_branching((2, 2, 1))):
         out = speculative.generate(module, params, prompts, drafter=drafter,
                                    drafter_params=dparams, tree=tree, max_new_tokens=30,
                                    eos_ids=(7,))
@@ -77,10 +78,10 @@ def test_random_drafter_is_lossless(tiny_target, mode):
 def test_deeper_tree_than_masks_is_refused(tiny_target):
     module, params = tiny_target
     drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=2), module)
-    with pytest.raises(ValueError, match="at most 2 positions"):
+    with pytest.raises(ValueError, match="at most 3 positions"):
         speculative.generate(module, params, [[1, 2]], drafter=drafter,
                              drafter_params=ps.init_params(drafter, jax.random.PRNGKey(0)),
-                             tree=3, max_new_tokens=4)
+                             tree=4, max_new_tokens=4)
 
 
 def _tiny_config(**overrides):

@@ -19,13 +19,18 @@ class CacheTooSmallError(ValueError):
     pass
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]],
-                pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pads token lists into [B, P] (P a power of two) and returns their lengths."""
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
+                width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads token lists into [B, P] and returns their lengths. P is `width` when given (one
+    compilation for every prompt: benchmarks), else the next power of two."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     lengths = np.array([len(p) for p in prompts], np.int32)
-    width = max(MIN_PROMPT_WIDTH, 1 << (int(lengths.max()) - 1).bit_length())
+    if width is None:
+        width = max(MIN_PROMPT_WIDTH, 1 << (int(lengths.max()) - 1).bit_length())
+    elif width < lengths.max():
+        raise CacheTooSmallError(f"a prompt of {int(lengths.max())} tokens is longer than "
+                                 f"prompt_width={width}; raise prompt_width")
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = prompt

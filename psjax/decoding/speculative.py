@@ -129,7 +129,8 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
              drafter: Drafter, drafter_params=None, tree: Tree | int = 4,
              max_new_tokens: int, sampling: Sampling = GREEDY, eos_ids: Sequence[int] = (),
              cache_length: int | None = None, rng: jax.Array | None = None,
-             cache_dtype=None, pad_id: int = 0) -> common.Generation:
+             cache_dtype=None, pad_id: int = 0,
+             prompt_width: int | None = None) -> common.Generation:
     """Speculative decoding of a batch of token-id prompts. `tree` is a Tree, or an int k for a
     chain of k drafts. Greedy output equals `autoregressive.generate`'s; sampled output follows
     the same distribution."""
@@ -144,7 +145,7 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
     if drafter.max_depth is not None and tree.max_depth > drafter.max_depth:
         raise ValueError(f"the tree is {tree.max_depth} deep but the drafter proposes at most "
                          f"{drafter.max_depth} positions per step; use k <= {drafter.max_depth}")
-    tokens, lengths = common.pad_prompts(prompts, pad_id)
+    tokens, lengths = common.pad_prompts(prompts, pad_id, prompt_width)
     lookahead = max(tree.num_nodes + 1, drafter.cache_lookahead(tree.max_depth))
     if cache_length is None:
         cache_length = int(tokens.shape[1]) + max_new_tokens + lookahead

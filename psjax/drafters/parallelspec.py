@@ -1,10 +1,13 @@
-"""ParallelSpec (arXiv 2410.05589): k draft tokens from ONE forward pass of a one-layer drafter.
+"""ParallelSpec (arXiv 2410.05589): k + 1 draft tokens from ONE pass of a one-layer drafter.
 
-After the real tokens, k learned mask tokens MASK_1..MASK_k are appended. MASK_m sits at the
-position of the m-th future token (anchor + m, the anchor being the last real token) and the
-drafter predicts that token there. The drafter is one decoder layer shaped like the target's; it
-reuses the target's frozen embedding table and LM head, and owns only the layer, the mask
-embeddings, a final norm, and (feature mode) the fusion of target features.
+After the real tokens, k learned mask tokens MASK_1..MASK_k are appended as placeholders of the
+future tokens: MASK_m sits at position anchor + m (the anchor being the last real token, the
+root) and, like every position of a language model, predicts the token after it, i.e. the
+target's distribution at position anchor + m. The anchor's own output predicts the first draft
+token (as EAGLE's drafter does), so one pass yields k + 1 drafts. The drafter is one decoder
+layer shaped like the target's; it reuses the target's frozen embedding table and LM head, and
+owns only the layer, the mask embeddings, a final norm, and (feature mode) the fusion of target
+features.
 
 Choices the paper leaves open, written down here (docs/parallelspec.md measures them):
 - Input mode. `token`: real tokens enter as the target's embeddings. `feature` (EAGLE-style):
@@ -17,6 +20,11 @@ Choices the paper leaves open, written down here (docs/parallelspec.md measures 
   (a group after many anchors at once) and drafting (one group after the root), so the test that
   the two agree compares one code path in its two modes.
 - Mask token ids are vocab_size .. vocab_size + k - 1: beyond the target's vocabulary.
+- What each position predicts. A first version had MASK_m predict the token at its own position
+  (k masks, k drafts, the anchor's output unused); on SmolLM2 its first draft agreed with the
+  target only ~50% of the time after 4,000 steps, since the anchor's information reached MASK_1
+  through attention alone. Predicting from the anchor itself is what EAGLE does for its first
+  token, and the masks then act as placeholders of drafts 1..k (docs/parallelspec.md).
 
 Axis legend: B batch, T tokens, S cache slots, D model dim, V vocab, K draft length (masks).
 """
@@ -60,6 +68,11 @@ class ParallelSpecConfig:
     def mask_token_ids(self) -> tuple[int, ...]:
         v = self.target.vocab_size
         return tuple(range(v, v + self.num_masks))
+
+    @property
+    def draft_length(self) -> int:
+        """Drafts per pass: the anchor's prediction, then one per mask."""
+        return self.num_masks + 1
 
     @property
     def layer_config(self) -> ModelConfig:
@@ -150,7 +163,7 @@ class ParallelSpec(Drafter):
 
     @property
     def max_depth(self):
-        return self.config.num_masks
+        return self.config.draft_length
 
     def _forward(self, params, context_params, tokens, features, positions, mask, cache,
                  starts):
@@ -173,18 +186,19 @@ class ParallelSpec(Drafter):
                                                                      cache_length),
                                   cache, cache.lengths)
         cache = cache.replace(k=(k,), v=(v,), lengths=prompt.lengths)
-        width = self.config.num_masks + 1  # the most real tokens one step can commit
+        width = self.config.draft_length + 1  # the most real tokens one step can commit
         last = jnp.take_along_axis(prompt.hidden, (prompt.lengths - 1)[:, None, None], axis=1)
         pending = jnp.zeros((b, width, d), prompt.hidden.dtype).at[:, :1].set(last)
         return DraftState(cache, pending)
 
     def cache_lookahead(self, depth: int) -> int:
-        # One step writes the pending real tokens (up to k + 1) and k masks after the root.
-        return 2 * self.config.num_masks + 1
+        # One step writes the pending real tokens (up to k + 2) and k masks after the root.
+        return self.config.draft_length + 1 + self.config.num_masks
 
     def draft_logits(self, params, state: DraftState, context: Context):
-        """Logits at MASK_1..MASK_k [B, k, V] after the committed sequence, and the new state
-        (the real tokens committed to the drafter's cache, the masks rolled back)."""
+        """Draft logits [B, k + 1, V] after the committed sequence (the root's, then
+        MASK_1..MASK_k's), and the new state (the real tokens committed to the drafter's cache,
+        the masks rolled back)."""
         cfg, cache = self.config, state.cache
         b = context.sequence.shape[0]
         r = state.pending_features.shape[1]
@@ -210,7 +224,11 @@ class ParallelSpec(Drafter):
         mask = kv_cache.attention_mask(cache.lengths, block, cache.max_length)
         hidden, (kk, vv) = self._forward(params, context.target_params, tokens, features,
                                          positions, mask, cache, cache.lengths)
-        logits = target_logits(self.target_module, context.target_params, hidden[:, r:])
+        # Rows that are done have nothing pending: clip their (unused) root index.
+        root_index = jnp.maximum(anchor - cache.lengths, 0)
+        root = jnp.take_along_axis(hidden, root_index[:, None, None], axis=1)
+        logits = target_logits(self.target_module, context.target_params,
+                               jnp.concatenate([root, hidden[:, r:]], axis=1))
         # Commit the real tokens; the masks' entries are rolled back (never committed).
         cache = cache.replace(k=(kk,), v=(vv,), lengths=context.seq_len)
         return logits, state.replace(cache=cache)
@@ -229,8 +247,9 @@ class ParallelSpec(Drafter):
         """Group-wise parallel training: one pass over a whole sequence and a group of k masks
         after each anchor. tokens [B, L], target_hidden [B, L, D] (the target's post-norm
         hidden states), anchors [B, G] positions, lengths [B] real tokens per row.
-        Returns the logits at every mask [B, G, k, V]: MASK_m of group g predicts the token at
-        anchors[g] + m, seeing exactly what it would see when drafting after that anchor."""
+        Returns the draft logits of every group [B, G, k + 1, V]: index j predicts the token at
+        anchors[g] + j + 1 (j = 0 from the anchor itself, j = m from MASK_m), each seeing exactly
+        what it sees when drafting after that anchor."""
         cfg = self.config
         b, length = tokens.shape
         g, k = anchors.shape[1], cfg.num_masks
@@ -254,8 +273,10 @@ class ParallelSpec(Drafter):
             jnp.concatenate([shifted, jnp.zeros((b, g * k, shifted.shape[-1]),
                                                 shifted.dtype)], axis=1),
             jnp.concatenate([pos, flat(group_anchor + rank)], axis=1), mask, None, None)
-        logits = target_logits(self.target_module, target_params, hidden[:, length:])
-        return logits.reshape(b, g, k, -1)
+        at_anchor = jnp.take_along_axis(hidden, anchors[:, :, None], axis=1)[:, :, None]
+        at_masks = hidden[:, length:].reshape(b, g, k, -1)
+        return target_logits(self.target_module, target_params,
+                             jnp.concatenate([at_anchor, at_masks], axis=2))
 
     def commit(self, params, state: DraftState, accepted: Accepted):
         # The tokens kept this step (accepted drafts + bonus) read the features of the nodes

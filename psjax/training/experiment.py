@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from psjax.decoding import autoregressive, speculative
+from psjax.decoding import autoregressive, common, speculative
 from psjax.drafters import parallelspec
 from psjax.models.config import ModelConfig
 from psjax.models.target import DTYPES, Target, load_target, random_target
@@ -58,7 +58,7 @@ def make_source(config, target: Target) -> Sequence[dict]:
 
 
 def make_evaluator(config, target: Target, drafter: parallelspec.ParallelSpec):
-    """tau on held-out prompts through the real engine (greedy chain of k), with the lossless
+    """tau on held-out prompts through the real engine (greedy chain of k + 1), with the lossless
     check against autoregressive decoding on the same prompts."""
     if target.tokenizer is not None:
         from psjax.data import spec_bench
@@ -70,8 +70,10 @@ def make_evaluator(config, target: Target, drafter: parallelspec.ParallelSpec):
         rng = np.random.default_rng(config.seed + 1)
         prompts = rng.integers(0, target.config.vocab_size,
                                (config.eval_prompts, config.data.random_prompt_length)).tolist()
+    width = common.pad_prompts(prompts)[0].shape[1]  # one compilation for every prompt
     kw = dict(max_new_tokens=config.eval_max_new_tokens, eos_ids=target.eos_ids,
-              cache_length=max(map(len, prompts)) + config.eval_max_new_tokens + 64)
+              prompt_width=width, cache_length=width + config.eval_max_new_tokens +
+              drafter.cache_lookahead(drafter.config.draft_length))
     reference = [autoregressive.generate(target.module, target.params, [p], **kw).sequences()[0]
                  for p in prompts]
 
@@ -79,7 +81,7 @@ def make_evaluator(config, target: Target, drafter: parallelspec.ParallelSpec):
         taus, mismatches = [], 0
         for prompt, ref in zip(prompts, reference):
             out = speculative.generate(target.module, target.params, [prompt], drafter=drafter,
-                                       drafter_params=params, tree=drafter.config.num_masks,
+                                       drafter_params=params, tree=drafter.config.draft_length,
                                        **kw)
             taus.append(out.tau)
             mismatches += out.sequences()[0] != ref

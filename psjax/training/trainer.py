@@ -76,17 +76,17 @@ def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.Parallel
     target: Transformer = drafter.target_module
     tokens, lengths = batch["tokens"], batch["lengths"]
     b, length = tokens.shape
-    k = drafter.config.num_masks
+    depth = drafter.config.draft_length
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     hidden = jax.lax.stop_gradient(target.apply(
         {"params": target_params}, tokens, positions, compute_logits=False).hidden)
     anchors, anchor_valid = sample_anchors(rng, lengths, batch["prompt_lengths"], length,
                                            loss.num_anchors)
     q_logits = drafter.training_logits(params, target_params, tokens, hidden, anchors, lengths)
-    predicted = anchors[:, :, None] + jnp.arange(1, k + 1)  # [B, G, k] position of the token
+    predicted = anchors[:, :, None] + jnp.arange(1, depth + 1)  # [B, G, k+1] positions drafted
     valid = anchor_valid[:, :, None] & (predicted <= lengths[:, None, None] - 1)
     index = jnp.clip(predicted, 0, length - 1).reshape(b, -1)
-    # The target's distribution for the token at position t + m comes from position t + m - 1.
+    # The target's distribution for the token at position p comes from position p - 1.
     prev_hidden = jnp.take_along_axis(hidden, (index - 1)[:, :, None], axis=1)
     p_logits = jax.lax.stop_gradient(parallelspec.target_logits(
         target, target_params, prev_hidden)).reshape(q_logits.shape)
@@ -120,7 +120,7 @@ def step_flops(target_config, drafter_config, batch: int, length: int, num_ancho
     kv = c.num_key_value_heads * c.head_dim
     layer = d * q + 2 * d * kv + q * d + 3 * d * c.intermediate_size
     groups = min(num_anchors, length)
-    masks = batch * groups * drafter_config.num_masks
+    masks = batch * groups * drafter_config.draft_length  # drafted positions
     t_drafter = length + groups * drafter_config.num_masks
     target_fwd = 2 * batch * length * c.num_hidden_layers * layer
     target_fwd += 4 * batch * length * length * q * c.num_hidden_layers  # QK^T and PV

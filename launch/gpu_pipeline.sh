@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU runs behind the README's numbers, stage by stage, on one lent GPU machine that has no
+# package index and no model hub (see ../shared/docs/GPU.md): each stage is one call; /tmp keeps
+# what earlier stages left while the machine stays up.
+#
+#   launch/gpu_pipeline.sh setup                 wheels from .whl/ -> /tmp/site, versions, card
+#   launch/gpu_pipeline.sh piece                 copies the carried .up/*/ piece to /tmp/stage
+#   launch/gpu_pipeline.sh models                joins, checks and converts the GGUF files
+#   launch/gpu_pipeline.sh bench_ar MODEL        psjax vs transformers autoregressive tokens/s
+#   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts
+#   launch/gpu_pipeline.sh train MODEL VARIANT [--config.x=y ...]   drafter training + export
+#   DRY_RUN=1 launch/gpu_pipeline.sh STAGE ...   prints the commands instead of running them
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".:/tmp/site" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false \
+       JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+OUT=${OUT:-/tmp/out}
+run() { if [[ -n "${DRY_RUN:-}" ]]; then echo "+ $*"; else "$@"; fi; }
+declare -A GGUF_SHA=(
+  [smol]=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+  [qwen05]=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+  [qwen15]=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
+)
+declare -A MODEL_OF=([smol]=smollm2 [qwen05]=qwen05b [qwen15]=qwen15b)
+
+stage=${1:?stage}; shift
+case $stage in
+  setup)
+    run python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    run cp .whl/sharegpt_head.json /tmp/ 2>/dev/null || true
+    run cp .whl/question.jsonl /tmp/spec_bench.jsonl  # ../shared does not travel
+    run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    run python3 -c "import jax, flax, optax, orbax.checkpoint as o, transformers, torch; \
+print(jax.__version__, flax.__version__, optax.__version__, transformers.__version__, \
+torch.__version__, jax.devices())" ;;
+  piece)
+    run mkdir -p /tmp/stage
+    run cp .up/*/* /tmp/stage/ ;;
+  models)
+    for name in "${!GGUF_SHA[@]}"; do
+      ls /tmp/stage/"$name".part* >/dev/null 2>&1 || continue
+      [[ -d /tmp/models/${MODEL_OF[$name]} ]] && continue
+      run bash -c "cat /tmp/stage/$name.part* > /tmp/$name.gguf"
+      run python3 -m psjax.convert.registry --gguf "/tmp/$name.gguf" \
+          --out "/tmp/models/${MODEL_OF[$name]}" --sha256 "${GGUF_SHA[$name]}" --dtype bfloat16
+    done ;;
+  bench_ar)
+    model=$1; shift
+    run python3 experiments/bench_decode.py --model "/tmp/models/$model" \
+        --questions /tmp/spec_bench.jsonl --out "$OUT/bench_ar_$model.json" "$@" ;;
+  distill)
+    model=$1 n=$2; shift 2
+    run python3 experiments/generate_data.py --target "/tmp/models/$model" --dtype bfloat16 \
+        --sharegpt /tmp/sharegpt_head.json --num_prompts "$n" --batch_size 64 \
+        --max_new_tokens 256 --max_prompt_tokens 512 --out_dir "/tmp/distilled/$model" \
+        --data_dir '' "$@" ;;
+  train)
+    model=$1 variant=$2; shift 2
+    run python3 experiments/train_drafter.py --config "experiments/configs/parallelspec.py:$variant" \
+        --config.target="/tmp/models/$model" --config.data.source=jsonl \
+        --config.data.jsonl_dir="/tmp/distilled/$model" --config.spec_bench=/tmp/spec_bench.jsonl \
+        --workdir "/tmp/work/$model-$variant" \
+        --alsologtostderr "$@"
+    run python3 experiments/export_hf.py --workdir "/tmp/work/$model-$variant" \
+        --out "$OUT/drafter_$model" --dtype bfloat16 --max_shard_mb 15 ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
