@@ -138,6 +138,20 @@ class DecoderLayer(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), new_kv
 
 
+class LMHead(nn.Module):
+    """An untied output projection [D, V] with float32 accumulation."""
+
+    vocab_size: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.with_logical_partitioning(_init, ("embed", "vocab")),
+                            (x.shape[-1], self.vocab_size), self.param_dtype)
+        return jnp.einsum("...d,dv->...v", x, kernel.astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+
 class Output(NamedTuple):
     logits: jax.Array  # [B, T, V] float32
     hidden: jax.Array  # [B, T, D] after the final norm: the feature EAGLE-style drafters read
@@ -160,16 +174,19 @@ class Transformer(nn.Module):
                        for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, name="norm", **kw)
         if not c.tie_word_embeddings:
-            self.lm_head = _dense(c.vocab_size, ("embed", "vocab"), "lm_head", **kw)
+            self.lm_head = LMHead(c.vocab_size, param_dtype=self.param_dtype, name="lm_head")
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         return self.embed_tokens(tokens)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """LM head on post-norm features; float32 logits."""
+        """LM head on post-norm features. The products accumulate into float32 logits: rounding
+        bfloat16 logits (steps of 0.25 near 32) would turn near-ties into coin flips."""
         if self.config.tie_word_embeddings:
-            return self.embed_tokens.attend(hidden).astype(jnp.float32)
-        return self.lm_head(hidden).astype(jnp.float32)
+            return jnp.einsum("...d,vd->...v", hidden,
+                              self.embed_tokens.embedding.astype(hidden.dtype),
+                              preferred_element_type=jnp.float32)
+        return self.lm_head(hidden)
 
     def __call__(self, tokens: jax.Array, positions: jax.Array,
                  cache: kv_cache.KVCache | None = None,

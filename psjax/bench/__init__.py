@@ -1,0 +1,1 @@
+"""Benchmarks' shared parts: timing, the transformers baselines, the Spec-Bench evaluation."""

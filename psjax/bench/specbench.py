@@ -1,0 +1,531 @@
+"""Spec-Bench evaluation: every decoding method on the same questions, timed turn by turn and
+checked token by token against the autoregressive baseline.
+
+Protocol (Spec-Bench's, ../shared/data/README.md): batch 1, greedy unless asked otherwise, every
+method times each turn between device synchronisations (its outputs are on the host when the
+clock stops), compilation excluded (warm-up runs first, and the first call at each new prompt
+shape runs once untimed: the jitted loops specialise on the padded prompt width). tokens = the
+generated tokens, EOS included where it stops the turn. A question's tokens/s is its tokens over
+its seconds, summed over its turns; a category's tokens/s is the mean over its questions; a
+method's speedup is its category tokens/s over the autoregressive baseline's (`ar`). tau is the
+mean number of tokens a target forward pass commits (the bonus token counted): the mean of
+`Generation.accepted` over all steps for psjax's speculative methods, generated tokens per target
+forward call for transformers' assisted generation, 1 for plain decoding.
+
+Methods run one after another over all questions (the baseline first), so one set of models is
+in memory at a time. Multi-turn (MT-bench) questions: the second turn is conditioned on the
+BASELINE's first answer (its decoded text) for every method, so all methods see identical
+prompts and their outputs can be compared token for token.
+
+Correctness: a method's tokens are compared with the baseline's for the same turn; a turn whose
+tokens differ is a divergence (at most one per turn: after the first differing token the two
+continue from different contexts). A divergence is a mismatch unless it is a near-tie: the target
+in float32 (a float32 copy of the weights, loaded once, only when the first divergence needs it)
+runs on prompt + the common prefix, and the gap between its top-2 logits at the first differing
+position decides: gap > 0.05 => mismatch (a real error); otherwise a rounding-level tie that a
+bfloat16 run may break either way. In float32 runs the same test applies to every divergence.
+bfloat16 logits are themselves rounded to 2^-7 of their size (0.25 at 32), so bfloat16 runs part
+from the baseline at float32 gaps well above 0.05; the records keep the gap in those spacings
+(`gap_ulps`), and `Float32Judge(ulps=...)` (--mismatch_ulps) can count such ties as near-ties.
+
+The entry point is experiments/eval_specbench.py. On the GPU machine, after
+`launch/gpu_pipeline.sh setup`, `models` (the target converted into /tmp/models/) and `train`
+(the drafter exported to /tmp/out/drafter_<model>), from the repository root:
+
+    M=ar,pld,pld_tree,parallelspec,parallelspec_tree,hf_generate,hf_static_compiled,hf_pld
+    PYTHONPATH=.:/tmp/site python3 experiments/eval_specbench.py --target /tmp/models/smollm2 \
+        --questions /tmp/spec_bench.jsonl --drafter /tmp/out/drafter_smollm2 --methods $M \
+        --limit 3 --max_new_tokens 256 --text diverged --out_dir /tmp/out/specbench_smollm2
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import json
+import math
+import os
+import traceback
+from typing import Callable, Hashable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psjax.bench import hf_baselines
+from psjax.bench.timing import timed
+from psjax.data.spec_bench import CATEGORIES
+from psjax.decoding import autoregressive, common, speculative
+from psjax.decoding.sampling import GREEDY, Sampling
+from psjax.decoding.tree import Tree
+from psjax.drafters.base import Drafter
+from psjax.models.llama import Transformer
+
+OVERALL = "overall"
+BASELINE = "ar"
+PSJAX_METHODS = ("ar", "pld", "pld_tree", "sps", "parallelspec", "parallelspec_tree")
+HF_METHODS = ("hf_generate", "hf_static_compiled", "hf_pld", "hf_assisted")
+METHODS = PSJAX_METHODS + HF_METHODS
+MISMATCH_GAP = 0.05
+
+
+# ---------------------------------------------------------------- methods
+
+@dataclasses.dataclass
+class TurnResult:
+    tokens: list[int]  # generated tokens, EOS included where it stopped the turn
+    seconds: float  # wall time between device synchronisations
+    accepted: list[int] | None = None  # tokens committed per target step (psjax speculative)
+    forwards: int | None = None  # target forward calls (transformers' assisted generation)
+
+
+class Method:
+    """One decoding method as the evaluation drives it: set up once, then one call per turn."""
+
+    name: str
+    min_warmup: int = 0  # untimed runs it needs at least (cudagraph capture needs 2)
+
+    def setup(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Loads what it needs; `prompts` are all it will see (empty for the baseline, which
+        makes the second-turn prompts as it goes)."""
+
+    def shape_key(self, prompt: Sequence[int]) -> Hashable | None:
+        """What its compiled code specialises on: a new key gets one untimed run first."""
+        return None
+
+    def generate(self, prompt: Sequence[int]) -> TurnResult:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Frees its models."""
+
+
+class PsjaxMethod(Method):
+    """psjax's autoregressive loop (no drafter) or its speculative engine."""
+
+    def __init__(self, name: str, module: Transformer, params, *, max_new_tokens: int,
+                 eos_ids: Sequence[int], sampling: Sampling = GREEDY,
+                 drafter: Drafter | None = None, drafter_params=None, tree: Tree | None = None,
+                 pad_id: int = 0, prompt_width: int | None = None):
+        if (drafter is None) != (tree is None):
+            raise ValueError("a speculative method needs both a drafter and a tree")
+        self.name, self.module, self.params = name, module, params
+        self.max_new_tokens, self.eos_ids, self.sampling = max_new_tokens, tuple(eos_ids), sampling
+        self.drafter, self.drafter_params, self.tree = drafter, drafter_params, tree
+        self.pad_id, self.prompt_width = pad_id, prompt_width
+
+    def shape_key(self, prompt):
+        # The jit specialises on the padded prompt width (a power of two, or the fixed
+        # prompt_width); the cache length follows from it.
+        return common.pad_prompts([prompt], self.pad_id, self.prompt_width)[0].shape[1]
+
+    def generate(self, prompt):
+        kw = dict(max_new_tokens=self.max_new_tokens, sampling=self.sampling,
+                  eos_ids=self.eos_ids, pad_id=self.pad_id, prompt_width=self.prompt_width)
+        if self.drafter is None:
+            out, seconds = timed(autoregressive.generate, self.module, self.params, [prompt], **kw)
+        else:
+            out, seconds = timed(speculative.generate, self.module, self.params, [prompt],
+                                 drafter=self.drafter, drafter_params=self.drafter_params,
+                                 tree=self.tree, **kw)
+        accepted = None if out.accepted is None else out.accepted[:, 0].tolist()
+        return TurnResult(out.sequences()[0], seconds, accepted)
+
+
+class HFMethod(Method):
+    """A transformers baseline (psjax.bench.hf_baselines); the method name is the variant."""
+
+    def __init__(self, name: str, hf_dir: str, dtype: str, *, max_new_tokens: int,
+                 eos_ids: Sequence[int], pad_id: int, sampling: Sampling = GREEDY,
+                 prompt_lookup_num_tokens: int = 10, assistant_dir: str | None = None):
+        if name not in hf_baselines.VARIANTS:
+            raise ValueError(f"unknown transformers method {name!r}")
+        self.name, self.hf_dir, self.dtype = name, hf_dir, dtype
+        self.max_new_tokens, self.eos_ids, self.pad_id = max_new_tokens, tuple(eos_ids), pad_id
+        self.sampling, self.pld_k, self.assistant_dir = sampling, prompt_lookup_num_tokens, \
+            assistant_dir
+        self.min_warmup = 2 if "static" in name else 0
+        self.counts_forwards = name in ("hf_pld", "hf_assisted")
+        self.model = self.assistant = self.kwargs = None
+
+    def setup(self, prompts):
+        self.model = hf_baselines.load_model(self.hf_dir, self.dtype)
+        if self.name == "hf_assisted":
+            self.assistant = hf_baselines.load_model(self.assistant_dir, self.dtype)
+        longest = max((len(p) for p in prompts), default=0)
+        cache_length = 256 * -(-(longest + self.max_new_tokens) // 256)  # one static shape
+        s = self.sampling
+        self.kwargs = hf_baselines.generate_kwargs(
+            self.name, self.model, max_new_tokens=self.max_new_tokens, pad_id=self.pad_id,
+            eos_ids=self.eos_ids, cache_length=cache_length,
+            prompt_lookup_num_tokens=self.pld_k, assistant_model=self.assistant,
+            temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
+
+    def generate(self, prompt):
+        counter = (hf_baselines.ForwardCounter(self.model) if self.counts_forwards
+                   else contextlib.nullcontext())
+        with counter:
+            out, seconds = timed(hf_baselines.generate, self.model, [list(prompt)], self.kwargs,
+                                 self.pad_id)
+        tokens = hf_baselines.trim_at_eos(out[0], self.eos_ids)
+        return TurnResult(tokens, seconds,
+                          forwards=counter.count if self.counts_forwards else None)
+
+    def close(self):
+        self.model = self.assistant = self.kwargs = None
+        hf_baselines.release()
+
+
+def pld_tree(k: int, width: int) -> Tree:
+    """`width` chains of k drafts side by side: chain r follows the r-th most recent n-gram match
+    (prompt lookup's rank-r candidate at every depth comes from match r)."""
+    return Tree.from_paths((r,) * d for r in range(width) for d in range(1, k + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How experiments/eval_specbench.py's flags configure the methods."""
+
+    max_new_tokens: int = 1024
+    dtype: str = "bfloat16"
+    sampling: Sampling = GREEDY
+    pld_k: int = 10  # psjax prompt lookup: chain length
+    pld_tree_width: int = 3  # pld_tree: chains side by side
+    sps_k: int = 4
+    ps_k: int = 0  # parallelspec chain length; 0 = all the drafter's drafts (k masks + 1)
+    ps_tree: tuple[int, ...] = (4, 2, 2, 1)  # parallelspec_tree branching
+    hf_pld_k: int = 10  # transformers' prompt_lookup_num_tokens
+    draft_dir: str | None = None  # draft model (sps, hf_assisted): an HF directory
+    drafter_dir: str | None = None  # trained ParallelSpec drafter directory
+    prompt_width: int | None = None  # psjax: one fixed padded prompt width (None: powers of 2)
+
+
+def pad_id_of(target) -> int:
+    pad_id = target.tokenizer.pad_token_id if target.tokenizer is not None else None
+    return (target.eos_ids or (0,))[0] if pad_id is None else pad_id
+
+
+def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
+                 ) -> tuple[list[Method], dict[str, str]]:
+    """The methods to run, in order, and {name: why} for those that cannot run here."""
+    from psjax.convert.drafter_hf import load_drafter
+    from psjax.drafters.draft_model import DraftModel
+    from psjax.drafters.prompt_lookup import PromptLookup
+    from psjax.models.target import DTYPES, load_target
+
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+    eos, pad = target.eos_ids, pad_id_of(target)
+    psjax_kw = dict(max_new_tokens=opts.max_new_tokens, eos_ids=eos, sampling=opts.sampling,
+                    pad_id=pad, prompt_width=opts.prompt_width)
+    methods, skipped = [], {}
+    drafter = draft = None
+    for name in names:
+        if name in ("sps", "hf_assisted") and not opts.draft_dir:
+            raise ValueError(f"{name} needs a draft model (--draft)")
+        if name.startswith("parallelspec") and not opts.drafter_dir:
+            raise ValueError(f"{name} needs a trained ParallelSpec drafter (--drafter)")
+        if name == "ar":
+            methods.append(PsjaxMethod(name, target.module, target.params, **psjax_kw))
+        elif name in ("pld", "pld_tree"):
+            tree = (Tree.chain(opts.pld_k) if name == "pld"
+                    else pld_tree(opts.pld_k, opts.pld_tree_width))
+            methods.append(PsjaxMethod(name, target.module, target.params, drafter=PromptLookup(),
+                                       tree=tree, **psjax_kw))
+        elif name == "sps":
+            draft = draft or load_target(opts.draft_dir, dtype=opts.dtype, tokenizer=False)
+            methods.append(PsjaxMethod(name, target.module, target.params,
+                                       drafter=DraftModel(draft.module),
+                                       drafter_params=draft.params, tree=Tree.chain(opts.sps_k),
+                                       **psjax_kw))
+        elif name.startswith("parallelspec"):
+            drafter = drafter or load_drafter(opts.drafter_dir, target, DTYPES[opts.dtype])
+            if name == "parallelspec":
+                tree = Tree.chain(opts.ps_k or drafter[0].max_depth)  # k masks: k + 1 drafts
+            else:
+                tree = Tree.from_branching(opts.ps_tree)
+            methods.append(PsjaxMethod(name, target.module, target.params, drafter=drafter[0],
+                                       drafter_params=drafter[1], tree=tree, **psjax_kw))
+        else:
+            if name == "hf_assisted" and not hf_baselines.same_tokenizer(hf_dir, opts.draft_dir):
+                skipped[name] = f"the draft model {opts.draft_dir} has another tokenizer"
+                continue
+            methods.append(HFMethod(name, hf_dir, opts.dtype, max_new_tokens=opts.max_new_tokens,
+                                    eos_ids=eos, pad_id=pad, sampling=opts.sampling,
+                                    prompt_lookup_num_tokens=opts.hf_pld_k,
+                                    assistant_dir=opts.draft_dir))
+    return methods, skipped
+
+
+# ---------------------------------------------------------------- the float32 referee
+
+def _top2(module: Transformer, params, tokens, lengths):
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    out = module.apply({"params": params}, tokens, positions, logits_at=lengths - 1)
+    return jax.lax.top_k(out.logits[:, 0].astype(jnp.float32), 2)
+
+
+_top2_jit = jax.jit(_top2, static_argnums=0)  # the module is hashable
+
+
+class Float32Judge:
+    """Tells a real mismatch from a near-tie: the float32 target's top-2 logit gap at the first
+    position where two outputs part. `load` returns (module, params) in float32; it is called
+    once, when the first divergence needs it.
+
+    A divergence is a mismatch when gap > `threshold`. bfloat16 logits are rounded to a spacing
+    of 2^-7 of their magnitude (0.25 at a logit of 32), far coarser than 0.05, so a bfloat16 run
+    parts from the baseline at f32 gaps of that size; `ulps` > 0 widens the threshold to that
+    many spacings of the run's dtype at the top logit (0: the plain threshold)."""
+
+    def __init__(self, load: Callable[[], tuple[Transformer, object]],
+                 threshold: float = MISMATCH_GAP, run_dtype=jnp.float32, ulps: float = 0.0):
+        self._load, self.threshold, self._model = load, threshold, None
+        self.eps, self.ulps = float(jnp.finfo(run_dtype).eps), ulps
+
+    def gap(self, context: Sequence[int]) -> dict:
+        """For the token after `context`: gap (top-1 minus top-2 float32 logit), the float32
+        top-1 token, gap_ulps (the gap in spacings of the run's dtype at the top logit) and
+        mismatch (the verdict)."""
+        if self._model is None:
+            self._model = self._load()
+        module, params = self._model
+        tokens, lengths = common.pad_prompts([context])
+        values, ids = _top2_jit(module, params, jnp.asarray(tokens), jnp.asarray(lengths))
+        values, ids = np.asarray(values)[0], np.asarray(ids)[0]
+        gap = float(values[0] - values[1])
+        spacing = self.eps * 2.0 ** math.floor(math.log2(max(abs(float(values[0])), 1e-30)))
+        return dict(gap=gap, float32_token=int(ids[0]), gap_ulps=gap / spacing,
+                    mismatch=gap > max(self.threshold, self.ulps * spacing))
+
+
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first index where two token lists differ (a length difference counts), or None."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+# ---------------------------------------------------------------- the run
+
+def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
+             prompt_fn: Callable[[list[str], list[str]], list[int]],
+             decode: Callable[[list[int]], str], judge: Float32Judge | None,
+             warmup: int = 1, check: bool = True, keep_text: str = "all",
+             log: Callable[[str], None] = print,
+             on_method_done: Callable[[list[dict], dict], None] | None = None
+             ) -> tuple[list[dict], dict[str, str]]:
+    """Runs every method over every turn of every question -> (per-turn records, {method: error}
+    for methods that failed; their records are dropped and the rest go on).
+
+    `questions`: dicts with question_id, category (a Spec-Bench display name) and turns.
+    `prompt_fn(user_turns, assistant_turns)` -> prompt token ids (the chat template);
+    `decode(tokens)` -> text. methods[0] must be the baseline `ar`: it runs first and its first
+    answers condition every method's second turns. `check`: compare with the baseline (greedy
+    only). `keep_text`: "all", or "diverged" (a method's text only where it parts from the
+    baseline's; the baseline's always)."""
+    if not methods or methods[0].name != BASELINE:
+        raise ValueError(f"the first method must be the baseline {BASELINE!r}")
+    if keep_text not in ("all", "diverged"):
+        raise ValueError(f"keep_text must be 'all' or 'diverged', got {keep_text!r}")
+    if check and judge is None:
+        raise ValueError("checking against the baseline needs a Float32Judge")
+    prompts: dict[tuple[int, int], list[int]] = {}
+    reference: dict[tuple[int, int], list[int]] = {}
+    records, failures = [], {}
+    for method in methods:
+        baseline = method.name == BASELINE
+        try:
+            rows = _run_method(method, questions, prompts, reference, prompt_fn=prompt_fn,
+                               decode=decode, judge=judge, warmup=warmup,
+                               check=check and not baseline, keep_text=keep_text, log=log)
+        except Exception as e:  # noqa: BLE001 - one method's failure must not stop the rest
+            if baseline:
+                raise
+            failures[method.name] = f"{type(e).__name__}: {e}".replace("\n", " ")
+            log(f"[{method.name}] FAILED:\n{traceback.format_exc()}")
+            continue
+        finally:
+            method.close()
+        records.extend(rows)
+        if on_method_done is not None:
+            on_method_done(records, failures)
+    return records, failures
+
+
+def _run_method(method, questions, prompts, reference, *, prompt_fn, decode, judge, warmup,
+                check, keep_text, log) -> list[dict]:
+    baseline = method.name == BASELINE
+    method.setup([] if baseline else list(prompts.values()))
+    first = prompts.get((questions[0]["question_id"], 1)) or prompt_fn(
+        list(questions[0]["turns"][:1]), [])
+    for _ in range(max(warmup, method.min_warmup)):
+        method.generate(first)
+    seen = {method.shape_key(first)}
+    rows = []
+    for q in questions:
+        answers = []
+        for t in range(len(q["turns"])):
+            key = (q["question_id"], t + 1)
+            if baseline:
+                prompts[key] = prompt_fn(list(q["turns"][:t + 1]), list(answers))
+            prompt = prompts[key]
+            shape = method.shape_key(prompt)
+            if shape is not None and shape not in seen:
+                method.generate(prompt)  # compiles: untimed
+                seen.add(shape)
+            out = method.generate(prompt)
+            text = decode(out.tokens)
+            if baseline:
+                reference[key] = out.tokens
+                answers.append(text)
+            row = dict(question_id=q["question_id"], category=q["category"], turn=t + 1,
+                       method=method.name, tokens=len(out.tokens), seconds=out.seconds,
+                       tokens_per_s=len(out.tokens) / out.seconds, accepted=out.accepted,
+                       forwards=out.forwards, text=text, diverged=False, mismatch=False)
+            if check:
+                row.update(_check(prompt, out.tokens, reference[key], judge))
+            elif not baseline:
+                row.update(diverged=None, mismatch=None)
+            if keep_text == "diverged" and not baseline and not row["diverged"]:
+                row["text"] = None
+            rows.append(row)
+            tau = (f", tau {np.mean(out.accepted):.2f}" if out.accepted else
+                   f", tau {len(out.tokens) / out.forwards:.2f}" if out.forwards else "")
+            flag = (" MISMATCH" if row["mismatch"] else " diverged (near-tie)"
+                    if row["diverged"] else "")
+            log(f"[{method.name}] q{q['question_id']} turn {t + 1}: {row['tokens']} tokens, "
+                f"{out.seconds:.3f} s, {row['tokens_per_s']:.1f} tok/s{tau}{flag}")
+    return rows
+
+
+def _check(prompt, tokens, ref, judge) -> dict:
+    at = first_difference(tokens, ref)
+    if at is None:
+        return dict(diverged=False, mismatch=False)
+    return dict(diverged=True, diverged_at=at, token=tokens[at] if at < len(tokens) else None,
+                baseline_token=ref[at] if at < len(ref) else None,
+                **judge.gap(list(prompt) + list(ref[:at])))
+
+
+# ---------------------------------------------------------------- the report
+
+def summarize(records: Sequence[dict], *, card: str, target: str, command: str,
+              date: str | None = None, failures: dict[str, str] | None = None) -> dict:
+    """summary.json: per method, per category (and overall): speedup over `ar`, tau, tokens/s,
+    divergences and mismatches (None when not checked)."""
+    per_q: dict[str, dict[int, dict]] = {}
+    for r in records:
+        q = per_q.setdefault(r["method"], {}).setdefault(r["question_id"], dict(
+            category=r["category"], tokens=0, seconds=0.0, accepted=[], forwards=0,
+            divergences=0, mismatches=0, checked=True))
+        q["tokens"] += r["tokens"]
+        q["seconds"] += r["seconds"]
+        q["accepted"] += r["accepted"] or []
+        q["forwards"] += r["forwards"] or 0
+        if r["diverged"] is None:
+            q["checked"] = False
+        else:
+            q["divergences"] += int(r["diverged"])
+            q["mismatches"] += int(bool(r["mismatch"]))
+    if BASELINE not in per_q:
+        raise ValueError(f"no records of the baseline {BASELINE!r}")
+    present = {q["category"] for q in per_q[BASELINE].values()}
+    columns = [c for c in CATEGORIES if c in present] + [OVERALL]
+
+    def group(method, column):
+        return [q for q in per_q[method].values() if column in (OVERALL, q["category"])]
+
+    def speed(qs):
+        return float(np.mean([q["tokens"] / q["seconds"] for q in qs]))
+
+    methods = {}
+    for method in per_q:  # insertion order: the run's order
+        methods[method] = {}
+        for column in columns:
+            qs = group(method, column)
+            if not qs:
+                continue
+            accepted = [a for q in qs for a in q["accepted"]]
+            forwards = sum(q["forwards"] for q in qs)
+            if accepted:
+                tau = float(np.mean(accepted))
+            elif forwards:
+                tau = sum(q["tokens"] for q in qs) / forwards
+            else:
+                tau = 1.0
+            checked = all(q["checked"] for q in qs)
+            methods[method][column] = dict(
+                speedup=_round(speed(qs) / speed(group(BASELINE, column))), tau=_round(tau),
+                tokens_per_s=_round(speed(qs)),
+                divergences=sum(q["divergences"] for q in qs) if checked else None,
+                mismatches=sum(q["mismatches"] for q in qs) if checked else None)
+    summary = dict(card=card, date=date or datetime.date.today().isoformat(), target=target,
+                   command=command, methods=methods)
+    if failures:
+        summary["failed"] = dict(failures)
+    return summary
+
+
+def _round(x: float) -> float:
+    return round(float(x), 4)
+
+
+def markdown_table(summary: dict) -> str:
+    """The leaderboard layout: method rows; speedup per category, then overall speedup, tau,
+    tokens/s and mismatches (divergences in brackets)."""
+    methods = summary["methods"]
+    columns = [c for c in CATEGORIES if any(c in m for m in methods.values())]
+    lines = [f"Spec-Bench, {summary['target']}, {summary['card']}, {summary['date']} "
+             f"(speedup over `{BASELINE}`)", "",
+             "| method | " + " | ".join(columns) + " | overall | tau | tok/s | mismatches "
+             "(divergences) |", "|" + " --- |" * (len(columns) + 5)]
+    for name, stats in methods.items():
+        cells = [f"{stats[c]['speedup']:.2f}x" if c in stats else "-" for c in columns]
+        o = stats[OVERALL]
+        checked = "-" if o["mismatches"] is None else f"{o['mismatches']} ({o['divergences']})"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {o['speedup']:.2f}x | "
+                     f"{o['tau']:.2f} | {o['tokens_per_s']:.1f} | {checked} |")
+    for name, why in summary.get("failed", {}).items():
+        lines.append(f"| {name} | failed: {why[:150]} |")
+    return "\n".join(lines)
+
+
+def plot_chart(summary: dict, path: str) -> None:
+    """Grouped bars: speedup per category (and overall), one bar per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = {k: v for k, v in summary["methods"].items() if k != BASELINE}
+    columns = [c for c in CATEGORIES if c in summary["methods"][BASELINE]] + [OVERALL]
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(columns)), 4.5))
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(columns))
+    for i, (name, stats) in enumerate(methods.items()):
+        values = [stats.get(c, {}).get("speedup", math.nan) for c in columns]
+        ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=name)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label=f"{BASELINE} (1.0)")
+    ax.set_xticks(x, [c.replace(" ", "\n", 1) for c in columns], fontsize=8)
+    ax.set_ylabel(f"speedup over {BASELINE}")
+    ax.set_title(f"Spec-Bench: {summary['target']} on {summary['card']} ({summary['date']})",
+                 fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(out_dir: str, records: Sequence[dict], summary: dict) -> str:
+    """questions.jsonl, summary.json and chart.png under out_dir; returns the markdown table."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "questions.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    plot_chart(summary, os.path.join(out_dir, "chart.png"))
+    return markdown_table(summary)

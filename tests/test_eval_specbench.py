@@ -1,0 +1,159 @@
+"""The Spec-Bench evaluation library on a tiny random target with pre-tokenized stub questions:
+summary schema, the baseline's speedup of exactly 1, lossless prompt lookup and ParallelSpec
+(random drafter: no divergence, no mismatch), a planted divergence caught and judged by the
+float32 referee, a failing method isolated."""
+
+import datetime
+import json
+import os
+
+import jax
+import pytest
+
+import tiny_models
+from psjax.bench import specbench
+from psjax.convert import hf
+from psjax.convert.drafter_hf import save_drafter
+from psjax.data.spec_bench import CATEGORIES, MT_BENCH
+from psjax.drafters import parallelspec
+from psjax.models.llama import Transformer
+from psjax.models.target import Target
+
+VOCAB = 64
+N_NEW = 12
+SPECULATIVE = ["pld", "pld_tree", "parallelspec", "parallelspec_tree"]
+QUESTIONS = [
+    {"question_id": 81, "category": MT_BENCH, "turns": ["write a poem", "now shorter"]},
+    {"question_id": 161, "category": "Translation", "turns": ["translate: hello there"]},
+    {"question_id": 241, "category": "Translation", "turns": ["translate: good night"]},
+]
+
+
+def prompt_fn(user_turns, assistant_turns):
+    """A stand-in chat template: a few ids per turn, the answers' ids back in; under 16 ids so
+    every prompt has one padded width."""
+    ids = [1]
+    for i, turn in enumerate(user_turns):
+        ids += [2 + ord(c) % (VOCAB - 2) for c in turn[:4]]
+        if i < len(assistant_turns):
+            ids += [int(x) for x in assistant_turns[i].split()[:3]]
+    return ids
+
+
+def decode(tokens):
+    return " ".join(map(str, tokens))
+
+
+class Planted(specbench.Method):
+    """The baseline's output with token 2 changed: a divergence at index 2."""
+
+    def __init__(self, ar):
+        self.name, self.ar = "planted", ar
+
+    def generate(self, prompt):
+        out = self.ar.generate(prompt)
+        out.tokens[2] = (out.tokens[2] + 1) % VOCAB
+        return out
+
+
+class Broken(specbench.Method):
+    name = "broken"
+
+    def generate(self, prompt):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    _, path = tiny_models.make("llama_gqa_untied", vocab_size=VOCAB)
+    config, params = hf.load_hf_dir(path)
+    target = Target(Transformer(config), params)  # no tokenizer: no EOS ids
+    # A random-weight ParallelSpec drafter, through its HF directory as a trained one would come.
+    drafter_dir = str(tmp_path_factory.mktemp("drafter"))
+    ps_config = parallelspec.ParallelSpecConfig(config, num_masks=2)
+    drafter = parallelspec.build(ps_config, target.module)
+    save_drafter(drafter_dir, ps_config, parallelspec.init_params(drafter, jax.random.PRNGKey(0)),
+                 target_name="tiny")
+    opts = specbench.Options(max_new_tokens=N_NEW, dtype="float32", pld_k=3, pld_tree_width=2,
+                             drafter_dir=drafter_dir, ps_tree=(2, 1, 1))
+    methods, skipped = specbench.make_methods(
+        ["ar", "pld", "pld_tree", "parallelspec", "parallelspec_tree"], target, path, opts)
+    assert not skipped
+    methods += [Planted(methods[0]), Broken()]
+    loads = []
+    judge = specbench.Float32Judge(lambda: loads.append(1) or (target.module, params))
+    records, failures = specbench.evaluate(QUESTIONS, methods, prompt_fn=prompt_fn,
+                                           decode=decode, judge=judge, warmup=1,
+                                           keep_text="diverged", log=lambda s: None)
+    summary = specbench.summarize(records, card="cpu", target="tiny", command="pytest",
+                                  failures=failures)
+    return records, failures, summary, loads
+
+
+def test_summary_schema(run, tmp_path):
+    records, failures, summary, _ = run
+    assert set(summary) == {"card", "date", "target", "command", "methods", "failed"}
+    datetime.date.fromisoformat(summary["date"])
+    assert list(summary["methods"]) == ["ar", *SPECULATIVE, "planted"]
+    columns = [MT_BENCH, "Translation", "overall"]
+    for stats in summary["methods"].values():
+        assert list(stats) == columns
+        for cell in stats.values():
+            assert set(cell) == {"speedup", "tau", "tokens_per_s", "divergences", "mismatches"}
+            assert cell["tokens_per_s"] > 0
+    assert all(c in CATEGORIES for c in columns[:-1])
+    table = specbench.write_outputs(str(tmp_path), records, summary)
+    assert table.splitlines()[-1].startswith("| broken | failed: RuntimeError: boom")
+    assert "| pld | " in table
+    with open(tmp_path / "summary.json") as f:
+        assert json.load(f) == summary
+    with open(tmp_path / "questions.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 4 * 6  # 4 turns for each method that finished
+    assert {"question_id", "category", "turn", "tokens", "seconds", "tokens_per_s", "accepted",
+            "text", "diverged", "mismatch"} <= set(rows[0])
+    assert os.path.getsize(tmp_path / "chart.png") > 1000
+
+
+def test_baseline_is_one(run):
+    _, _, summary, _ = run
+    for cell in summary["methods"]["ar"].values():
+        assert cell["speedup"] == 1.0 and cell["tau"] == 1.0
+        assert cell["divergences"] == 0 and cell["mismatches"] == 0
+
+
+def test_speculative_lossless(run):
+    records, _, summary, _ = run
+    for name in SPECULATIVE:
+        for cell in summary["methods"][name].values():
+            assert cell["divergences"] == 0 and cell["mismatches"] == 0
+            assert cell["tau"] >= 1.0
+        rows = [r for r in records if r["method"] == name]
+        assert all(r["accepted"] and sum(r["accepted"]) == r["tokens"] - 1 for r in rows)
+        assert all(r["text"] is None for r in rows)  # keep_text="diverged"
+    ar = {(r["question_id"], r["turn"]): r["tokens"] for r in records if r["method"] == "ar"}
+    assert set(ar.values()) == {N_NEW}  # no EOS ids: every turn runs to the limit
+
+
+def test_planted_divergence_judged(run):
+    records, failures, summary, loads = run
+    rows = [r for r in records if r["method"] == "planted"]
+    assert all(r["diverged"] and r["diverged_at"] == 2 for r in rows)
+    assert all(r["mismatch"] == (r["gap"] > specbench.MISMATCH_GAP) for r in rows)
+    assert all(r["gap_ulps"] > 0 and 0 <= r["float32_token"] < VOCAB for r in rows)
+    assert all(r["text"] is not None for r in rows)
+    assert summary["methods"]["planted"]["overall"]["divergences"] == 4
+    assert loads == [1]  # the float32 model loads once, on the first divergence
+    assert failures == {"broken": "RuntimeError: boom"}
+
+
+def test_first_difference():
+    assert specbench.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert specbench.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert specbench.first_difference([1, 2], [1, 2, 7]) == 2
+
+
+def test_baseline_must_come_first():
+    with pytest.raises(ValueError, match="baseline"):
+        specbench.evaluate(QUESTIONS, [Broken()], prompt_fn=prompt_fn, decode=decode,
+                           judge=None, check=False)
