@@ -7,6 +7,7 @@ Re-running with the same --workdir resumes from its latest checkpoint (data posi
 See experiments/configs/parallelspec.py for the variants and the GPU commands.
 """
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -16,10 +17,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard")
 flags.mark_flags_as_required(["config", "workdir"])
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "multi-process run (launch/slurm.sbatch, launch/tpu_pod.sh): join the "
+    "other processes through JAX's own runtime (jax.distributed.initialize) first")
 
 
 def main(argv):
     del argv
+    if _DISTRIBUTED.value:
+        jax.distributed.initialize()
     config = _CONFIG.value
     # Orbax logs every save step at INFO; keep the console for training progress.
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
