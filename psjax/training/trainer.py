@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tensorboardX
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -259,6 +260,7 @@ class Trainer:
         rng = jax.random.PRNGKey(cfg.seed)
         history, window_start, window_steps, window_tokens = [], time.perf_counter(), 0, 0
         stream = data.batches(source, cfg.batch_size, cfg.max_length, cfg.seed, position)
+        summaries = tensorboardX.SummaryWriter(os.path.join(cfg.workdir, "tensorboard"))
         with open(os.path.join(cfg.workdir, "metrics.jsonl"), "a") as log_file:
             for step in range(start, cfg.total_steps):
                 position, batch = next(stream)
@@ -278,6 +280,7 @@ class Trainer:
                             (step + 1) % cfg.eval_every == 0 or done):
                         metrics.update(evaluate(self.state.params))
                     history.append(metrics)
+                    _write_summaries(summaries, step + 1, metrics)
                     log_file.write(json.dumps(metrics) + "\n")
                     log_file.flush()
                     if on_metrics is not None:
@@ -286,4 +289,16 @@ class Trainer:
                 ckpt.save(step + 1, self.state, self._meta(position), force=done)
         ckpt.wait()
         ckpt.close()
+        summaries.close()
         return history
+
+
+def _write_summaries(writer, step: int, metrics: dict) -> None:
+    """TensorBoard scalars; per-position metrics become `name/pos{m}`."""
+    for name, value in metrics.items():
+        if isinstance(value, list):
+            for position, x in enumerate(value, start=1):
+                writer.add_scalar(f"{name}/pos{position}", x, step)
+        else:
+            writer.add_scalar(name, value, step)
+    writer.flush()
