@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from psjax.convert import hf
-from psjax.convert.hf import MissingTensorError
 from psjax.drafters import parallelspec
 from psjax.models.config import ModelConfig
 from psjax.models.llama import Transformer
@@ -157,27 +156,17 @@ def load_drafter(path: str, target=None, dtype=jnp.float32
 
     state = hf.read_safetensors(path)
     shapes = jax.eval_shape(lambda: parallelspec.init_params(drafter, jax.random.PRNGKey(0)))
-    params: dict[str, Any] = {}
-    expected = set()
+    params, expected = hf.params_from_table(
+        state, mapping(config), dtype, path,
+        f"a ParallelSpec drafter ({config.input_mode} mode, k={config.num_masks})")
     for name, tree_path, transpose in mapping(config):
-        expected.add(name)
-        if name not in state:
-            raise MissingTensorError(
-                f"tensor {name!r} is missing from {path}; a ParallelSpec drafter "
-                f"({config.input_mode} mode, k={config.num_masks}) needs it")
-        array = np.asarray(state[name])
-        array = array.T if transpose else array
-        want = shapes
+        got, want = params, shapes
         for key in tree_path:
-            want = want[key]
-        if array.shape != want.shape:
+            got, want = got[key], want[key]
+        if got.shape != want.shape:
             need = want.shape[::-1] if transpose else want.shape
             raise ValueError(f"tensor {name!r} of {path} has shape {state[name].shape} but the "
                              f"drafter needs {need}")
-        node = params
-        for key in tree_path[:-1]:
-            node = node.setdefault(key, {})
-        node[tree_path[-1]] = jnp.asarray(array, dtype=dtype)
     unexpected = sorted(set(state) - expected)
     if unexpected:
         raise ValueError(f"{path} has tensors a {config.input_mode}-mode ParallelSpec drafter "

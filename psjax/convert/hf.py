@@ -64,25 +64,34 @@ def mapping(config: ModelConfig) -> Iterator[tuple[str, tuple[str, ...], bool]]:
 def params_from_state_dict(state: Mapping[str, np.ndarray], config: ModelConfig,
                            dtype=jnp.float32, source: str = "the checkpoint") -> dict:
     """HF-named arrays -> the nested parameter dict of psjax.models.Transformer."""
+    params, expected = params_from_table(
+        state, mapping(config), dtype, source,
+        f"a {config.architecture} with {config.num_hidden_layers} layers")
+    unexpected = [k for k in state if k not in expected and not k.endswith(_IGNORED_SUFFIXES)
+                  and not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if unexpected:
+        raise ValueError(f"{source} has tensors psjax does not know: {sorted(unexpected)[:8]}")
+    return params
+
+
+def params_from_table(state: Mapping[str, np.ndarray], table, dtype, source: str,
+                      needed_by: str) -> tuple[dict, set[str]]:
+    """HF-named arrays -> a nested parameter dict along a (HF name, path, transpose) table; also
+    returns the names it used. The twin of `state_dict_from_table`."""
     params: dict[str, Any] = {}
-    expected = set()
-    for name, path, transpose in mapping(config):
-        expected.add(name)
+    used = set()
+    for name, path, transpose in table:
+        used.add(name)
         if name not in state:
             raise MissingTensorError(
-                f"tensor {name!r} is missing from {source}; a {config.architecture} with "
-                f"{config.num_hidden_layers} layers needs it")
+                f"tensor {name!r} is missing from {source}; {needed_by} needs it")
         array = np.asarray(state[name])
         array = array.T if transpose else array
         node = params
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = jnp.asarray(array, dtype=dtype)
-    unexpected = [k for k in state if k not in expected and not k.endswith(_IGNORED_SUFFIXES)
-                  and not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if unexpected:
-        raise ValueError(f"{source} has tensors psjax does not know: {sorted(unexpected)[:8]}")
-    return params
+    return params, used
 
 
 def state_dict_from_params(params: Mapping, config: ModelConfig, dtype=np.float32) -> dict:
