@@ -43,6 +43,18 @@ def test_logits_match_transformers(variant):
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])
+def test_fused_projections_compute_the_same(variant):
+    """fused=True (q/k/v and gate/up as one matmul each) reads the same HF-layout parameters."""
+    _, path = tiny_models.make(variant)
+    config, params = hf.load_hf_dir(path)
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, config.vocab_size, (2, 24)))
+    positions = jnp.broadcast_to(jnp.arange(24), tokens.shape)
+    plain = Transformer(config).apply({"params": params}, tokens, positions).logits
+    fused = Transformer(config, fused=True).apply({"params": params}, tokens, positions).logits
+    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])
 def test_export_round_trip(variant):
     model, path = tiny_models.make(variant, seed=3)
     config, params = hf.load_hf_dir(path)

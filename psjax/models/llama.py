@@ -10,6 +10,7 @@ G = N // K query heads per KV head, H head dim, D model dim, F MLP dim, V vocab.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -28,6 +29,26 @@ def _dense(features, axes, name, use_bias=False, dtype=jnp.float32, param_dtype=
         features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(_init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
+def _project(module: nn.Module, x, names, features, axes, use_bias=False):
+    """x through the Dense layers `names` (HF names and nn.Dense parameters), in order.
+
+    With `module.fused`, one matmul against their kernels concatenated along the output axis,
+    split afterwards: in a decode step each projection of a small model is a latency-bound
+    kernel, and fusing q/k/v and gate/up removes three of the seven per layer. Parameters keep
+    HF's layout; inside the decoding while_loop XLA hoists the concatenation of the
+    loop-invariant weights out of the loop."""
+    dense = [_dense(f, a, n, use_bias=use_bias, dtype=module.dtype,
+                    param_dtype=module.param_dtype) for n, f, a in zip(names, features, axes)]
+    if not module.fused or module.is_initializing():
+        return [d(x) for d in dense]
+    params = nn.meta.unbox(module.variables["params"])
+    kernel = jnp.concatenate([params[n]["kernel"] for n in names], axis=1)
+    y = jnp.einsum("...d,df->...f", x.astype(module.dtype), kernel.astype(module.dtype))
+    if use_bias:
+        y = y + jnp.concatenate([params[n]["bias"] for n in names]).astype(module.dtype)
+    return jnp.split(y, list(itertools.accumulate(features))[:-1], axis=-1)
 
 
 class RMSNorm(nn.Module):
@@ -75,6 +96,7 @@ class Attention(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_kv=None, starts=None):
@@ -82,10 +104,10 @@ class Attention(nn.Module):
         c = self.config
         b, t, _ = x.shape
         n, k_heads, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        kw = dict(use_bias=c.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        q = _dense(n * h, ("embed", "heads"), "q_proj", **kw)(x).reshape(b, t, n, h)
-        k = _dense(k_heads * h, ("embed", "kv_heads"), "k_proj", **kw)(x).reshape(b, t, k_heads, h)
-        v = _dense(k_heads * h, ("embed", "kv_heads"), "v_proj", **kw)(x).reshape(b, t, k_heads, h)
+        q, k, v = _project(self, x, ("q_proj", "k_proj", "v_proj"), (n * h, k_heads * h, k_heads * h),
+                           (("embed", "heads"), ("embed", "kv_heads"), ("embed", "kv_heads")),
+                           use_bias=c.attention_bias)
+        q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, k_heads, h), v.reshape(b, t, k_heads, h)
         inv_freq = rope_frequencies(c)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
 
@@ -112,12 +134,13 @@ class MLP(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        gate = _dense(c.intermediate_size, ("embed", "mlp"), "gate_proj", **kw)(x)
-        up = _dense(c.intermediate_size, ("embed", "mlp"), "up_proj", **kw)(x)
+        gate, up = _project(self, x, ("gate_proj", "up_proj"), (c.intermediate_size,) * 2,
+                            (("embed", "mlp"),) * 2)
         return _dense(c.hidden_size, ("mlp", "embed"), "down_proj", **kw)(nn.silu(gate) * up)
 
 
@@ -125,15 +148,16 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_kv=None, starts=None):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn_out, new_kv = Attention(c, name="self_attn", **kw)(
+        attn_out, new_kv = Attention(c, name="self_attn", fused=self.fused, **kw)(
             RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), positions, mask,
             cache_kv, starts)
         x = x + attn_out
-        x = x + MLP(c, name="mlp", **kw)(
+        x = x + MLP(c, name="mlp", fused=self.fused, **kw)(
             RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), new_kv
 
@@ -159,18 +183,20 @@ class Output(NamedTuple):
 
 
 class Transformer(nn.Module):
-    """The target decoder. `dtype` is the compute dtype, `param_dtype` the weights'."""
+    """The target decoder. `dtype` is the compute dtype, `param_dtype` the weights'. `fused`:
+    q/k/v and gate/up each as one matmul (same parameters; for decoding, see `_project`)."""
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    fused: bool = False
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(
             c.vocab_size, c.hidden_size, name="embed_tokens", **kw,
             embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
-        self.layers = [DecoderLayer(c, name=f"layers_{i}", **kw)
+        self.layers = [DecoderLayer(c, name=f"layers_{i}", fused=self.fused, **kw)
                        for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, name="norm", **kw)
         if not c.tie_word_embeddings:
