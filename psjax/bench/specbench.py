@@ -120,15 +120,20 @@ class PsjaxMethod(Method):
         # prompt_width); the cache length follows from it.
         return common.pad_prompts([prompt], self.pad_id, self.prompt_width)[0].shape[1]
 
-    def generate(self, prompt):
+    def generate_batch(self, prompts: Sequence[Sequence[int]], rng: jax.Array | None = None
+                       ) -> tuple[common.Generation, float]:
+        """A batch in one call: (its Generation, seconds until its tokens are on the host)."""
         kw = dict(max_new_tokens=self.max_new_tokens, sampling=self.sampling,
-                  eos_ids=self.eos_ids, pad_id=self.pad_id, prompt_width=self.prompt_width)
+                  eos_ids=self.eos_ids, pad_id=self.pad_id, prompt_width=self.prompt_width,
+                  rng=rng)
         if self.drafter is None:
-            out, seconds = timed(autoregressive.generate, self.module, self.params, [prompt], **kw)
-        else:
-            out, seconds = timed(speculative.generate, self.module, self.params, [prompt],
-                                 drafter=self.drafter, drafter_params=self.drafter_params,
-                                 tree=self.tree, **kw)
+            return timed(autoregressive.generate, self.module, self.params, prompts, **kw)
+        return timed(speculative.generate, self.module, self.params, prompts,
+                     drafter=self.drafter, drafter_params=self.drafter_params, tree=self.tree,
+                     **kw)
+
+    def generate(self, prompt):
+        out, seconds = self.generate_batch([prompt])
         accepted = None if out.accepted is None else out.accepted[:, 0].tolist()
         return TurnResult(out.sequences()[0], seconds, accepted)
 

@@ -1,0 +1,197 @@
+"""The limit and the projection (issue 5) and where a decode step's time goes (issue 2).
+
+For each model shape (random bfloat16 weights of the real shapes: the cost of a step does not
+depend on the values), at batch --batch with --context tokens in the cache:
+  floor_ms      bytes of weights + KV cache read per step / measured memory bandwidth
+  ar_ms         a step of psjax's autoregressive loop (sampling and bookkeeping included)
+  spec_ms[m]    a step of psjax's speculative loop for method m (ParallelSpec with k masks and
+                a random drafter, chain of k + 1 and tree): draft + verify + accept + commit
+  verify_ms[m]  the same loop and tree with prompt lookup, a drafter that costs next to nothing:
+                a verify step with its acceptance
+Then, with tau per method measured on real models (--tau_from: a Spec-Bench summary.json):
+  bound   = tau x ar_ms / verify_ms[m]  the speedup with a free drafter
+  project = tau x ar_ms / spec_ms[m]    the speedup with psjax's drafter at this shape
+Step times are measured; bounds and projections are computed (measured tau, measured times).
+
+--profile_shape adds, for that shape: the operations each decode step launches (from the
+optimised HLO), kernels and device busy time per step (profiler trace), the same with q/k/v and
+gate/up fused (`Transformer(fused=True)`), and with each --xla_variants setting (a fresh process
+each, since XLA reads its flags once).
+
+On the GPU (nothing to carry: no weights), from the repository root:
+
+    PYTHONPATH=.:/tmp/site python3 experiments/bench_limits.py --out /tmp/out/limits.json
+
+CPU smoke test: `--shapes smollm2-135m --context 16 --new_tokens 8 --repeats 1
+--profile_shape smollm2-135m --xla_variants ''`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psjax.bench import limits
+from psjax.bench.timing import card, measure_bandwidth_tbps
+from psjax.decoding import autoregressive
+from psjax.decoding.tree import Tree
+from psjax.drafters import parallelspec
+from psjax.drafters.prompt_lookup import PromptLookup
+from psjax.models.llama import Transformer
+from psjax.models.target import random_target
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("shapes", "smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b,llama-2-7b,llama-3-8b,"
+                    "llama-2-13b", f"comma list of {sorted(limits.SHAPES)}")
+flags.DEFINE_integer("batch", 1, "rows per step")
+flags.DEFINE_integer("context", 512, "tokens already in the cache")
+flags.DEFINE_integer("k", 7, "ParallelSpec masks: a chain of k + 1 drafts")
+flags.DEFINE_string("tree", "4,2,2,1", "ParallelSpec tree: branching per depth")
+flags.DEFINE_integer("new_tokens", 128, "tokens generated per timed run")
+flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
+flags.DEFINE_string("tau_from", os.path.join(_REPO, "results", "specbench_qwen05b_h100",
+                                             "summary.json"),
+                    "Spec-Bench summary.json whose overall tau per method the projection uses")
+flags.DEFINE_float("bandwidth_tbps", 0.0, "memory bandwidth for the floor; 0 = measure here")
+flags.DEFINE_string("profile_shape", "qwen2.5-0.5b", "shape to profile ('' = none)")
+flags.DEFINE_string("xla_variants", "no_command_buffer=--xla_gpu_enable_command_buffer=;"
+                    "no_triton_gemm=--xla_gpu_enable_triton_gemm=false",
+                    "name=XLA_FLAGS;... decode-step variants for --profile_shape")
+flags.DEFINE_bool("child", False, "internal: measure the profile shape's decode step only")
+flags.DEFINE_string("out", "", "JSON file for all results")
+
+
+def random_prompts(config, batch: int, length: int) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, config.vocab_size, (batch, length)).tolist()
+
+
+def ar_ms(module, params, prompts, prefill: float) -> float:
+    return 1e3 * limits.ar_step_seconds(module, params, prompts, new_tokens=FLAGS.new_tokens,
+                                        prefill=prefill, repeats=FLAGS.repeats)
+
+
+def profile(target, prompts, prefill: float) -> dict:
+    """The real autoregressive loop, plain and with fused projections: step time, and kernels
+    and device busy time per step from a profiler trace of a generation."""
+    out = {}
+    for fused in (False, True):
+        module = Transformer(target.config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                             fused=fused)
+        row = {"ar_ms": ar_ms(module, target.params, prompts, prefill)}
+        row["trace"] = limits.device_trace(lambda: autoregressive.generate(
+            module, target.params, prompts, max_new_tokens=FLAGS.new_tokens),
+            steps=FLAGS.new_tokens)
+        out["fused" if fused else "plain"] = row
+    for variant in filter(None, FLAGS.xla_variants.split(";")):
+        label, xla_flags = variant.split("=", 1)
+        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}")
+        cmd = [sys.executable, __file__, "--child", f"--shapes={FLAGS.profile_shape}",
+               f"--batch={FLAGS.batch}", f"--context={FLAGS.context}",
+               f"--new_tokens={FLAGS.new_tokens}", f"--repeats={FLAGS.repeats}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+        out[label] = ({"xla_flags": xla_flags, **json.loads(lines[-1])} if lines else
+                      {"xla_flags": xla_flags, "error": proc.stderr[-800:]})
+    return out
+
+
+def measure_shape(name: str, bandwidth: float, taus: dict) -> dict:
+    config = limits.shape_config(name)
+    target = random_target(config, dtype="bfloat16")
+    prompts = random_prompts(config, FLAGS.batch, FLAGS.context)
+    w_bytes = limits.param_bytes(target.params)
+    kv = limits.kv_bytes(config, FLAGS.batch, FLAGS.context)
+    prefill = limits.prefill_seconds(target.module, target.params, prompts, FLAGS.repeats)
+    row = {"weights_gb": w_bytes / 1e9, "kv_mb": kv / 1e6,
+           "floor_ms": 1e3 * (w_bytes + kv) / (bandwidth * 1e12), "prefill_ms": 1e3 * prefill,
+           "ar_ms": ar_ms(target.module, target.params, prompts, prefill)}
+    drafter = parallelspec.build(parallelspec.ParallelSpecConfig(config, num_masks=FLAGS.k),
+                                 target.module, dtype=jnp.bfloat16)
+    dparams = parallelspec.init_params(drafter, jax.random.PRNGKey(1))
+    row["spec_ms"], row["verify_ms"], row["projection"] = {}, {}, {}
+    trees = {"parallelspec": Tree.chain(FLAGS.k + 1),
+             "parallelspec_tree": Tree.from_branching([int(x) for x in FLAGS.tree.split(",")])}
+    for method, tree in trees.items():
+        step = functools.partial(limits.spec_step_seconds, target.module, target.params,
+                                 prompts, tree=tree, new_tokens=FLAGS.new_tokens,
+                                 prefill=prefill, repeats=FLAGS.repeats)
+        spec = 1e3 * step(drafter, dparams)
+        verify = 1e3 * step(PromptLookup(), None)  # a drafter that costs next to nothing
+        row["spec_ms"][method], row["verify_ms"][method] = spec, verify
+        if method in taus:
+            tau = taus[method]
+            row["projection"][method] = {"tau": tau, "T": tree.num_nodes + 1,
+                                         "drafter_ms": spec - verify,
+                                         "bound_speedup": tau * row["ar_ms"] / verify,
+                                         "projected_speedup": tau * row["ar_ms"] / spec}
+    print(time.strftime("%H:%M:%S"), json.dumps({name: row}), flush=True)
+    if name == FLAGS.profile_shape:
+        row["profile"] = profile(target, prompts, prefill)
+    return row
+
+
+def read_taus(path: str) -> dict:
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        summary = json.load(f)
+    return {m: v["overall"]["tau"] for m, v in summary["methods"].items() if "overall" in v}
+
+
+def table(results: dict) -> str:
+    methods = ("parallelspec", "parallelspec_tree")
+    lines = ["| shape | weights | floor | AR step | AR / floor | " + " | ".join(
+        f"{m}: verify step, full step, bound, projected" for m in methods) + " |",
+        "|" + " --- |" * (5 + len(methods))]
+    for name, r in results["shapes"].items():
+        cells = [name, f"{r['weights_gb']:.2f} GB", f"{r['floor_ms']:.3f} ms",
+                 f"{r['ar_ms']:.3f} ms", f"{r['ar_ms'] / r['floor_ms']:.1f}x"]
+        for m in methods:
+            p = r["projection"].get(m)
+            cells.append(f"{r['verify_ms'][m]:.3f} ms, {r['spec_ms'][m]:.3f} ms" + (
+                f", {p['bound_speedup']:.2f}x, {p['projected_speedup']:.2f}x" if p else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    if FLAGS.child:
+        name = FLAGS.shapes.split(",")[0]
+        target = random_target(limits.shape_config(name), dtype="bfloat16")
+        prompts = random_prompts(target.config, FLAGS.batch, FLAGS.context)
+        prefill = limits.prefill_seconds(target.module, target.params, prompts, FLAGS.repeats)
+        print(json.dumps({"ar_ms": ar_ms(target.module, target.params, prompts, prefill)}))
+        return
+    bandwidth = FLAGS.bandwidth_tbps or measure_bandwidth_tbps()
+    taus = read_taus(FLAGS.tau_from)
+    results = {"card": card(), "jax": jax.__version__, "batch": FLAGS.batch,
+               "context": FLAGS.context, "k": FLAGS.k, "tree": FLAGS.tree,
+               "bandwidth_tbps": bandwidth, "tau_from": FLAGS.tau_from, "taus": taus,
+               "command": " ".join(sys.argv), "shapes": {}}
+    for name in FLAGS.shapes.split(","):
+        results["shapes"][name] = measure_shape(name, bandwidth, taus)
+        if FLAGS.out:
+            os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+            with open(FLAGS.out, "w") as f:
+                json.dump(results, f, indent=1)
+    print(table(results))
+    for name, r in results["shapes"].items():
+        if "profile" in r:
+            print(json.dumps({name: r["profile"]}, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

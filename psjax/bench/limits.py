@@ -1,0 +1,154 @@
+"""What the hardware allows: step times of random-weight models of real shapes, the memory floor,
+and where a decode step's time goes (kernels launched, device busy time).
+
+Random weights give the true cost of a step (the work does not depend on the values); acceptance
+(tau) must come from real models, so projections multiply measured step times by a tau measured
+elsewhere (a Spec-Bench summary.json).
+
+Times are medians over repeats, after a warm-up call of the same shapes. A per-step time is a
+generation's time less its prompt pass (timed apart), over its step count.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import tempfile
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from psjax.bench.timing import timed
+from psjax.decoding import autoregressive, common, speculative
+from psjax.decoding.tree import Tree
+from psjax.models.config import ModelConfig
+from psjax.models.kv_cache import KVCache
+from psjax.models.llama import Transformer
+
+# HF config.json fields of the shapes the benchmarks use (values as published on the Hub).
+SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
+                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         max_position_embeddings=32768, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
+                         intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         max_position_embeddings=32768, tie_word_embeddings=True),
+    "llama-2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096,
+                       intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, rope_theta=10000.0, rms_norm_eps=1e-5,
+                       max_position_embeddings=4096, tie_word_embeddings=False),
+    "llama-3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, rope_theta=500000.0, rms_norm_eps=1e-5,
+                       max_position_embeddings=8192, tie_word_embeddings=False),
+    "llama-2-13b": dict(model_type="llama", vocab_size=32000, hidden_size=5120,
+                        intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, rope_theta=10000.0, rms_norm_eps=1e-5,
+                        max_position_embeddings=4096, tie_word_embeddings=False),
+}
+
+
+def shape_config(name: str) -> ModelConfig:
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {name!r}; known: {sorted(SHAPES)}")
+    return ModelConfig.from_hf_dict(SHAPES[name])
+
+
+def param_bytes(params) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+
+def kv_bytes(config: ModelConfig, batch: int, context: int, itemsize: int = 2) -> int:
+    """Bytes of keys and values a step reads at `context` committed tokens per row."""
+    return (2 * config.num_hidden_layers * batch * context * config.num_key_value_heads
+            * config.head_dim * itemsize)
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # compile / warm up
+    return statistics.median(timed(fn)[1] for _ in range(repeats))
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def _prefill(module: Transformer, params, tokens, lengths):
+    cache = KVCache.create(module.config, tokens.shape[0], tokens.shape[1], module.dtype)
+    return common.prefill(module, params, tokens, lengths, cache)[0]
+
+
+def prefill_seconds(module: Transformer, params, prompts, repeats: int = 3) -> float:
+    tokens = jnp.asarray(prompts, jnp.int32)
+    lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
+    return _median_time(lambda: np.asarray(_prefill(module, params, tokens, lengths)), repeats)
+
+
+def per_step_seconds(run: Callable[[], int], prefill: float, repeats: int) -> float:
+    """Seconds per loop step: run() generates and returns its step count; `prefill` seconds
+    (the prompt pass, measured apart) are taken off. One compilation per method."""
+    steps = []
+    seconds = _median_time(lambda: steps.append(run()), repeats)
+    return (seconds - prefill) / steps[-1]
+
+
+def ar_step_seconds(module: Transformer, params, prompts, *, new_tokens: int, prefill: float,
+                    repeats: int = 3) -> float:
+    return per_step_seconds(lambda: autoregressive.generate(
+        module, params, prompts, max_new_tokens=new_tokens).steps, prefill, repeats)
+
+
+def spec_step_seconds(module: Transformer, params, prompts, drafter, drafter_params, tree: Tree,
+                      *, new_tokens: int, prefill: float, repeats: int = 3) -> float:
+    """Seconds per speculative step (draft + verify + accept + commit), whatever is accepted."""
+    return per_step_seconds(lambda: speculative.generate(
+        module, params, prompts, drafter=drafter, drafter_params=drafter_params, tree=tree,
+        max_new_tokens=new_tokens).steps, prefill, repeats)
+
+
+# ------------------------------------------------------------ where a decode step's time goes
+
+def device_trace(fn: Callable[[], Any], steps: int) -> dict[str, Any]:
+    """Kernels per step and device busy time per step, from a profiler trace of fn() (which
+    runs `steps` steps). Empty where the trace has no device kernels (CPU)."""
+    fn()
+    logdir = tempfile.mkdtemp(prefix="psjax_trace_")
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+        fn()
+    files = glob.glob(os.path.join(logdir, "**", "*.json.gz"), recursive=True)
+    if not files:
+        return {"error": f"no trace json under {logdir}"}
+    with gzip.open(files[0], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu_pids = {pid for pid, name in processes.items() if re.search(r"/device:GPU", name)}
+    kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids]
+    if not kernels:
+        return {"error": "no device events", "processes": sorted(set(processes.values()))[:20]}
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in kernels)
+    busy, end = 0.0, -np.inf
+    for start, stop in spans:  # union of the kernels' intervals, microseconds
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    names: dict[str, float] = {}
+    for e in kernels:
+        key = re.sub(r"[_.]?\d+$", "", e.get("name", "?"))
+        names[key] = names.get(key, 0.0) + float(e.get("dur", 0))
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
+    return {"kernels_per_step": len(kernels) / steps,
+            "busy_ms_per_step": busy / steps / 1e3,
+            "span_ms_per_step": (spans[-1][1] - spans[0][0]) / steps / 1e3,
+            "top_kernels_ms_per_step": {k: round(v / steps / 1e3, 4) for k, v in top}}

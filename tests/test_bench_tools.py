@@ -1,0 +1,64 @@
+"""The GPU benchmark tools run end to end on the CPU at tiny sizes (their numbers come from the
+GPU; here only that they run and report what they say)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from psjax.bench import limits
+from psjax.models.config import ModelConfig
+from psjax.models.target import random_target
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("name", sorted(limits.SHAPES))
+def test_shapes_parse(name):
+    config = limits.shape_config(name)
+    assert config.num_hidden_layers >= 24
+
+
+def test_unknown_shape_is_named():
+    with pytest.raises(ValueError, match="llama-2-7b"):
+        limits.shape_config("llama-7b")
+
+
+def test_kv_bytes():
+    config = limits.shape_config("llama-3-8b")  # 32 layers, 8 KV heads of 128
+    assert limits.kv_bytes(config, batch=1, context=512) == 2 * 32 * 512 * 8 * 128 * 2
+
+
+def test_step_times_are_positive():
+    target = random_target(ModelConfig.from_hf_dict(TINY))
+    prompts = [[1, 2, 3, 4]]
+    prefill = limits.prefill_seconds(target.module, target.params, prompts, repeats=1)
+    step = limits.ar_step_seconds(target.module, target.params, prompts, new_tokens=6,
+                                  prefill=prefill, repeats=1)
+    assert prefill > 0 and step > 0
+
+
+def test_device_trace_without_a_gpu_says_so():
+    out = limits.device_trace(lambda: jnp.ones(4).block_until_ready(), steps=1)
+    assert "error" in out
+
+
+def test_bench_grid_runs(tmp_path):
+    """experiments/bench_grid.py on SmolLM2 with the committed drafter, 2 x 2 cells."""
+    out = tmp_path / "grid.json"
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "bench_grid.py"),
+           "--target", "smollm2-135m-instruct", "--drafter",
+           os.path.join(REPO, "assets", "drafters", "smollm2-135m-instruct-parallelspec"),
+           "--batch_sizes", "1,2", "--temperatures", "0,1", "--max_new_tokens", "4",
+           "--dtype", "float32", "--methods", "ar,parallelspec", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    cells = json.loads(out.read_text())["cells"]
+    assert set(cells) == {"0/1", "0/2", "1/1", "1/2"}
+    assert cells["0/2"]["ar"]["speedup"] == 1.0
+    assert cells["0/2"]["parallelspec"]["rows_differing"] == 0  # float32: lossless
