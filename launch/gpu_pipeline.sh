@@ -4,9 +4,13 @@
 # what earlier stages left while the machine stays up.
 #
 #   launch/gpu_pipeline.sh setup                 wheels from .whl/ -> /tmp/site, versions, card
-#   launch/gpu_pipeline.sh piece                 copies the carried .up/*/ piece to /tmp/stage
+#   launch/gpu_pipeline.sh piece DIR             copies the carried piece .up/DIR/ to /tmp/stage
+#                                                (only that one: a warm machine keeps earlier
+#                                                carries; pieces of 40 MB leave room for the tree)
 #   launch/gpu_pipeline.sh models                joins, checks and converts the GGUF files
 #   launch/gpu_pipeline.sh bench_ar MODEL        psjax vs transformers autoregressive tokens/s
+#   launch/gpu_pipeline.sh limits                floor, step times at 0.5B-13B shapes, projection
+#   launch/gpu_pipeline.sh grid MODEL DRAFTER     batch x temperature throughput of each method
 #   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts
 #   launch/gpu_pipeline.sh train MODEL VARIANT [--config.x=y ...]   drafter training + export
 #   DRY_RUN=1 launch/gpu_pipeline.sh STAGE ...   prints the commands instead of running them
@@ -36,7 +40,7 @@ print(jax.__version__, flax.__version__, optax.__version__, transformers.__versi
 torch.__version__, jax.devices())" ;;
   piece)
     run mkdir -p /tmp/stage
-    run cp .up/*/* /tmp/stage/ ;;
+    run cp ".up/${1:?piece directory under .up/}"/* /tmp/stage/ ;;
   models)
     for name in "${!GGUF_SHA[@]}"; do
       ls /tmp/stage/"$name".part* >/dev/null 2>&1 || continue
@@ -49,6 +53,12 @@ torch.__version__, jax.devices())" ;;
     model=$1; shift
     run python3 experiments/bench_decode.py --model "/tmp/models/$model" \
         --questions /tmp/spec_bench.jsonl --out "$OUT/bench_ar_$model.json" "$@" ;;
+  limits)
+    run python3 experiments/bench_limits.py --out "$OUT/limits.json" "$@" ;;
+  grid)
+    model=$1 drafter=$2; shift 2
+    run python3 experiments/bench_grid.py --target "/tmp/models/$model" --drafter "$drafter" \
+        --questions /tmp/spec_bench.jsonl --out "$OUT/grid_$model.json" "$@" ;;
   distill)
     model=$1 n=$2; shift 2
     run python3 experiments/generate_data.py --target "/tmp/models/$model" --dtype bfloat16 \
