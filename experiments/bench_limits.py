@@ -13,10 +13,10 @@ Then, with tau per method measured on real models (--tau_from: a Spec-Bench summ
   project = tau x ar_ms / spec_ms[m]    the speedup with psjax's drafter at this shape
 Step times are measured; bounds and projections are computed (measured tau, measured times).
 
---profile_shape adds, for that shape: the operations each decode step launches (from the
-optimised HLO), kernels and device busy time per step (profiler trace), the same with q/k/v and
-gate/up fused (`Transformer(fused=True)`), and with each --xla_variants setting (a fresh process
-each, since XLA reads its flags once).
+--profile_shape adds, for that shape: the AR step, kernels per step, device busy time per step
+and the kernels that take it (a profiler trace of a generation), plain and with q/k/v and
+gate/up fused (`Transformer(fused=True)`), and the AR step under each --xla_variants setting (a
+fresh process each, since XLA reads its flags once).
 
 On the GPU (nothing to carry: no weights), from the repository root:
 
@@ -68,6 +68,8 @@ flags.DEFINE_string("profile_shape", "qwen2.5-0.5b", "shape to profile ('' = non
 flags.DEFINE_string("xla_variants", "no_command_buffer=--xla_gpu_enable_command_buffer=;"
                     "no_triton_gemm=--xla_gpu_enable_triton_gemm=false",
                     "name=XLA_FLAGS;... decode-step variants for --profile_shape")
+flags.DEFINE_bool("fused", True, "the target with fused q/k/v and gate/up (load_target's "
+                  "default) for the step times")
 flags.DEFINE_bool("child", False, "internal: measure the profile shape's decode step only")
 flags.DEFINE_string("out", "", "JSON file for all results")
 
@@ -110,6 +112,8 @@ def profile(target, prompts, prefill: float) -> dict:
 def measure_shape(name: str, bandwidth: float, taus: dict) -> dict:
     config = limits.shape_config(name)
     target = random_target(config, dtype="bfloat16")
+    target.module = Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                fused=FLAGS.fused)
     prompts = random_prompts(config, FLAGS.batch, FLAGS.context)
     w_bytes = limits.param_bytes(target.params)
     kv = limits.kv_bytes(config, FLAGS.batch, FLAGS.context)
@@ -178,7 +182,7 @@ def main(argv):
     bandwidth = FLAGS.bandwidth_tbps or measure_bandwidth_tbps()
     taus = read_taus(FLAGS.tau_from)
     results = {"card": card(), "jax": jax.__version__, "batch": FLAGS.batch,
-               "context": FLAGS.context, "k": FLAGS.k, "tree": FLAGS.tree,
+               "context": FLAGS.context, "k": FLAGS.k, "tree": FLAGS.tree, "fused": FLAGS.fused,
                "bandwidth_tbps": bandwidth, "tau_from": FLAGS.tau_from, "taus": taus,
                "command": " ".join(sys.argv), "shapes": {}}
     for name in FLAGS.shapes.split(","):
