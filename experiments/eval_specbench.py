@@ -6,6 +6,8 @@ Methods (`--methods`, comma list, run in this order after `ar`, which always run
   pld_tree           psjax prompt lookup, --pld_tree_width chains of --pld_k (one per match)
   sps                psjax draft-model speculative decoding (--draft, chain of --sps_k)
   parallelspec       psjax ParallelSpec (--drafter), a chain of --ps_k (0: the drafter's k)
+  parallelspec_kN    psjax ParallelSpec, a chain of N drafts (N <= the drafter's k + 1): several
+                     chain lengths side by side from one drafter
   parallelspec_tree  psjax ParallelSpec with the static tree of branching --ps_tree
   hf_generate        transformers greedy generate (dynamic cache, eager)
   hf_static_compiled transformers with a static cache and the compiled decode step
@@ -111,9 +113,10 @@ def random_drafter(target, num_masks: int) -> str:
 def main(argv):
     del argv
     names = [m for m in FLAGS.methods.split(",") if m]
-    unknown = sorted(set(names) - set(specbench.METHODS))
+    unknown = sorted(n for n in set(names) if not specbench.is_known(n))
     if unknown:
-        raise app.UsageError(f"unknown methods {unknown}; known: {list(specbench.METHODS)}")
+        raise app.UsageError(f"unknown methods {unknown}; known: {list(specbench.METHODS)} "
+                             "and parallelspec_kN")
     names = [specbench.BASELINE] + [m for m in dict.fromkeys(names) if m != specbench.BASELINE]
     hf_dir = hf_baselines.resolve_model(FLAGS.target)
     target = psjax.load_target(hf_dir, dtype=FLAGS.dtype)

@@ -21,7 +21,7 @@ from psjax.models.target import Target
 
 VOCAB = 64
 N_NEW = 12
-SPECULATIVE = ["pld", "pld_tree", "parallelspec", "parallelspec_tree"]
+SPECULATIVE = ["pld", "pld_tree", "parallelspec", "parallelspec_k2", "parallelspec_tree"]
 QUESTIONS = [
     {"question_id": 81, "category": MT_BENCH, "turns": ["write a poem", "now shorter"]},
     {"question_id": 161, "category": "Translation", "turns": ["translate: hello there"]},
@@ -77,7 +77,7 @@ def run(tmp_path_factory):
     opts = specbench.Options(max_new_tokens=N_NEW, dtype="float32", pld_k=3, pld_tree_width=2,
                              drafter_dir=drafter_dir, ps_tree=(2, 1, 1))
     methods, skipped = specbench.make_methods(
-        ["ar", "pld", "pld_tree", "parallelspec", "parallelspec_tree"], target, path, opts)
+        ["ar"] + SPECULATIVE, target, path, opts)
     assert not skipped
     methods += [Planted(methods[0]), Broken()]
     loads = []
@@ -109,7 +109,7 @@ def test_summary_schema(run, tmp_path):
         assert json.load(f) == summary
     with open(tmp_path / "questions.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    assert len(rows) == 4 * 6  # 4 turns for each method that finished
+    assert len(rows) == 4 * (len(SPECULATIVE) + 2)  # 4 turns for each method that finished
     assert {"question_id", "category", "turn", "tokens", "seconds", "tokens_per_s", "accepted",
             "text", "diverged", "mismatch"} <= set(rows[0])
     assert os.path.getsize(tmp_path / "chart.png") > 1000
@@ -157,3 +157,10 @@ def test_baseline_must_come_first():
     with pytest.raises(ValueError, match="baseline"):
         specbench.evaluate(QUESTIONS, [Broken()], prompt_fn=prompt_fn, decode=decode,
                            judge=None, check=False)
+
+
+def test_method_names():
+    assert specbench.is_known("parallelspec_k4") and specbench.is_known("hf_pld")
+    assert not specbench.is_known("parallelspec_k0") and not specbench.is_known("medusa")
+    with pytest.raises(ValueError, match="parallelspec_kN"):
+        specbench.make_methods(["ar", "parallelspec_kx"], None, "", specbench.Options())

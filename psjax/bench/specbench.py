@@ -46,6 +46,7 @@ import datetime
 import json
 import math
 import os
+import re
 import traceback
 from typing import Callable, Hashable, Sequence
 
@@ -67,6 +68,11 @@ BASELINE = "ar"
 PSJAX_METHODS = ("ar", "pld", "pld_tree", "sps", "parallelspec", "parallelspec_tree")
 HF_METHODS = ("hf_generate", "hf_static_compiled", "hf_pld", "hf_assisted")
 METHODS = PSJAX_METHODS + HF_METHODS
+_PS_CHAIN = re.compile(r"parallelspec_k([1-9]\d*)")  # parallelspec_k4: a chain of 4 drafts
+
+
+def is_known(name: str) -> bool:
+    return name in METHODS or _PS_CHAIN.fullmatch(name) is not None
 MISMATCH_GAP = 0.05
 
 
@@ -219,9 +225,10 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
     from psjax.drafters.prompt_lookup import PromptLookup
     from psjax.models.target import DTYPES, load_target
 
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if not is_known(n)]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}")
+        raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)} and "
+                         "parallelspec_kN (a chain of N drafts)")
     eos, pad = target.eos_ids, pad_id_of(target)
     psjax_kw = dict(max_new_tokens=opts.max_new_tokens, eos_ids=eos, sampling=opts.sampling,
                     pad_id=pad, prompt_width=opts.prompt_width)
@@ -247,8 +254,11 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
                                        **psjax_kw))
         elif name.startswith("parallelspec"):
             drafter = drafter or load_drafter(opts.drafter_dir, target, DTYPES[opts.dtype])
+            chain = _PS_CHAIN.fullmatch(name)
             if name == "parallelspec":
                 tree = Tree.chain(opts.ps_k or drafter[0].max_depth)  # k masks: k + 1 drafts
+            elif chain:
+                tree = Tree.chain(int(chain.group(1)))
             else:
                 tree = Tree.from_branching(opts.ps_tree)
             methods.append(PsjaxMethod(name, target.module, target.params, drafter=drafter[0],
