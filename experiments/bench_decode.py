@@ -79,14 +79,6 @@ HF_METHODS = ("hf_generate", "hf_static_compiled", "hf_static_compiled_forward")
 
 # ---------------------------------------------------------------- set-up
 
-def select_prompts(target, path: str, n: int) -> list[dict]:
-    per_category = -(-n // len(spec_bench.CATEGORIES))
-    questions = spec_bench.interleave(spec_bench.load_questions(path, per_category))[:n]
-    for q in questions:
-        q["ids"] = target.chat_prompt(q["turns"][:1])
-    return questions
-
-
 def batches(prompts: list[list[int]], b: int) -> list[list[list[int]]]:
     """Batches of exactly b prompts; the last wraps around to the first prompts."""
     k = -(-len(prompts) // b)
@@ -196,7 +188,8 @@ def main(argv):
         raise app.UsageError(f"unknown methods in {methods}")
     hf_dir = resolve_model(FLAGS.model)
     target = psjax.load_target(hf_dir, dtype=FLAGS.dtype)
-    prompts = [q["ids"] for q in select_prompts(target, FLAGS.questions, FLAGS.num_prompts)]
+    prompts = [target.chat_prompt(turns)
+               for turns in spec_bench.first_turns(FLAGS.questions, FLAGS.num_prompts)]
     n_new = FLAGS.max_new_tokens
     longest = -(-max(map(len, prompts)) // 64) * 64  # psjax pads prompts to multiples of 64
     cache_length = FLAGS.cache_length or max(1024, 256 * -(-(longest + n_new) // 256))

@@ -51,12 +51,6 @@ flags.DEFINE_integer("pld_k", 10, "pld: chain length")
 flags.DEFINE_string("out", "", "JSON file for the results")
 
 
-def prompts_for(target, n: int) -> list[list[int]]:
-    per_category = -(-n // len(spec_bench.CATEGORIES))
-    questions = spec_bench.interleave(spec_bench.load_questions(FLAGS.questions, per_category))
-    return [target.chat_prompt(q["turns"][:1]) for q in questions[:n]]
-
-
 def run_cell(methods, prompts, temperature: float) -> dict:
     """Every method on one batch; speedups over the first (ar)."""
     cell, reference = {}, None
@@ -99,7 +93,8 @@ def main(argv):
     batch_sizes = [int(b) for b in FLAGS.batch_sizes.split(",")]
     hf_dir = hf_baselines.resolve_model(FLAGS.target)
     target = psjax.load_target(hf_dir, dtype=FLAGS.dtype)
-    prompts = prompts_for(target, max(batch_sizes))
+    prompts = [target.chat_prompt(turns)
+               for turns in spec_bench.first_turns(FLAGS.questions, max(batch_sizes))]
     results = {"card": card(), "jax": jax.__version__, "target": FLAGS.target,
                "dtype": FLAGS.dtype, "max_new_tokens": FLAGS.max_new_tokens,
                "command": " ".join(sys.argv), "cells": {}}

@@ -111,9 +111,7 @@ def profile(target, prompts, prefill: float) -> dict:
 
 def measure_shape(name: str, bandwidth: float, taus: dict) -> dict:
     config = limits.shape_config(name)
-    target = random_target(config, dtype="bfloat16")
-    target.module = Transformer(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                fused=FLAGS.fused)
+    target = random_target(config, dtype="bfloat16", fused=FLAGS.fused)
     prompts = random_prompts(config, FLAGS.batch, FLAGS.context)
     w_bytes = limits.param_bytes(target.params)
     kv = limits.kv_bytes(config, FLAGS.batch, FLAGS.context)

@@ -29,3 +29,11 @@ def test_per_category_and_filter():
     mixed = spec_bench.interleave(questions)
     assert len({q["category"] for q in mixed[:6]}) == 6
     assert sorted(q["question_id"] for q in mixed) == sorted(q["question_id"] for q in questions)
+
+
+def test_first_turns():
+    turns = spec_bench.first_turns(SPEC_BENCH, 8)
+    by_id = {q["question_id"]: q for q in spec_bench.load_questions(SPEC_BENCH)}
+    assert len(turns) == 8 and all(len(t) == 1 for t in turns)
+    assert turns[0] == by_id[81]["turns"][:1]  # MT-bench first, its first turn only
+    assert turns[6] == by_id[82]["turns"][:1]  # then round-robin again

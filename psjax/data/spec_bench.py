@@ -65,3 +65,10 @@ def interleave(questions: list[dict]) -> list[dict]:
     for i in range(max((len(g) for g in groups), default=0)):
         out.extend(g[i] for g in groups if i < len(g))
     return out
+
+
+def first_turns(path: str | os.PathLike, n: int) -> list[list[str]]:
+    """The first turn of n questions, interleaved across categories (n = 18: 3 per category),
+    each as a one-turn conversation for a chat template: the benchmarks' fixed prompt set."""
+    per_category = -(-n // len(CATEGORIES))
+    return [q["turns"][:1] for q in interleave(load_questions(path, per_category))[:n]]

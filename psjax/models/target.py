@@ -52,11 +52,11 @@ class Target:
 
 
 def random_target(config: ModelConfig, seed: int = 0, dtype: str = "float32",
-                  scale: float = 1.0) -> Target:
+                  scale: float = 1.0, fused: bool = False) -> Target:
     """A target of the given shapes with random weights (tiny test configs, and real shapes for
     timing models too large to bring along). `scale` multiplies the init: larger makes peakier
-    next-token distributions, which a drafter can learn."""
-    module = Transformer(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype])
+    next-token distributions, which a drafter can learn. `fused`: as in load_target."""
+    module = Transformer(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], fused=fused)
     dummy = jnp.zeros((1, 4), jnp.int32)
     params = jax.jit(lambda rng: jax.tree.map(
         lambda x: x * scale if x.ndim > 1 else x,
