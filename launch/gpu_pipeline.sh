@@ -11,7 +11,8 @@
 #   launch/gpu_pipeline.sh bench_ar MODEL        psjax vs transformers autoregressive tokens/s
 #   launch/gpu_pipeline.sh limits                floor, step times at 0.5B-13B shapes, projection
 #   launch/gpu_pipeline.sh grid MODEL DRAFTER     batch x temperature throughput of each method
-#   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts
+#   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts (up
+#                                                to 4 turns each), packed into $OUT to keep
 #   launch/gpu_pipeline.sh train MODEL VARIANT [--config.x=y ...]   drafter training + export
 #   DRY_RUN=1 launch/gpu_pipeline.sh STAGE ...   prints the commands instead of running them
 set -euo pipefail
@@ -32,7 +33,9 @@ case $stage in
   setup)
     run python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
-    run cp .whl/sharegpt_head.json /tmp/ 2>/dev/null || true
+    # ShareGPT conversations cut to the prompts distill answers (sharegpt.conversation_prompts,
+    # up to 4 turns; 8 MB gzipped): see docs/parallelspec.md for how it is made.
+    run cp .whl/sharegpt_prompts.json.gz /tmp/ 2>/dev/null || true
     run cp .whl/question.jsonl /tmp/spec_bench.jsonl  # ../shared does not travel
     run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     run python3 -c "import jax, flax, optax, orbax.checkpoint as o, transformers, torch; \
@@ -61,17 +64,29 @@ torch.__version__, jax.devices())" ;;
         --questions /tmp/spec_bench.jsonl --out "$OUT/grid_$model.json" "$@" ;;
   distill)
     model=$1 n=$2; shift 2
-    run python3 experiments/generate_data.py --target "/tmp/models/$model" --dtype bfloat16 \
-        --sharegpt /tmp/sharegpt_head.json --num_prompts "$n" --batch_size 64 \
-        --max_new_tokens 256 --max_prompt_tokens 512 --out_dir "/tmp/distilled/$model" \
-        --data_dir '' "$@" ;;
+    # TIME_LIMIT=S stops it after S seconds: resumable, and the batches run in random order,
+    # so what is done is a fair sample.
+    run timeout "${TIME_LIMIT:-0}" python3 experiments/generate_data.py \
+        --target "/tmp/models/$model" --dtype bfloat16 \
+        --sharegpt /tmp/sharegpt_prompts.json.gz --max_turns 4 --num_prompts "$n" \
+        --batch_size 128 --max_new_tokens 512 --max_prompt_tokens 384 --prompt_width 384 \
+        --out_dir "/tmp/distilled/$model" --data_dir '' "$@" || true
+    # Token ids only (the texts decode from them), in 15 MB pieces: what comes back from $OUT.
+    run mkdir -p "$OUT/distilled_$model"
+    run bash -c "cat /tmp/distilled/$model/shard-*.jsonl | python3 -c 'import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print(json.dumps({k: r[k] for k in (\"id\", \"prompt_tokens\", \"answer_tokens\", \"finished\")}))' \
+        | gzip | split -b 15M - $OUT/distilled_$model/ids.jsonl.gz.part" ;;
   train)
     model=$1 variant=$2; shift 2
-    run python3 experiments/train_drafter.py --config "experiments/configs/parallelspec.py:$variant" \
+    # TIME_LIMIT=S stops training after S seconds; the export takes the last checkpoint.
+    run timeout "${TIME_LIMIT:-0}" python3 experiments/train_drafter.py \
+        --config "experiments/configs/parallelspec.py:$variant" \
         --config.target="/tmp/models/$model" --config.data.source=jsonl \
         --config.data.jsonl_dir="/tmp/distilled/$model" --config.spec_bench=/tmp/spec_bench.jsonl \
         --workdir "/tmp/work/$model-$variant" \
-        --alsologtostderr "$@"
+        --alsologtostderr "$@" || true
     run python3 experiments/export_hf.py --workdir "/tmp/work/$model-$variant" \
         --out "$OUT/drafter_$model" --dtype bfloat16 --max_shard_mb 15 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;

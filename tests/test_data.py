@@ -7,6 +7,7 @@ unreachable. Everything else is local and fast (the self-distillation test uses 
 Llama with a word-level chat tokenizer built here).
 """
 
+import gzip
 import json
 import os
 
@@ -90,6 +91,32 @@ def test_first_user_turns_filters(tmp_path):
                                          too_long=1, duplicate=1)
     got = list(sharegpt.first_user_turns(RECORDS, max_chars=None, dedupe=False))
     assert [i for i, _ in got] == ["a_0", "b_0", "d_0", "e_0", "g_0"]
+
+
+MULTI_TURN = [
+    {"id": "m", "conversations": [{"from": "human", "value": "u1"}, {"from": "gpt", "value": "a1"},
+                                  {"from": "human", "value": " u2 "}, {"from": "gpt", "value": "a2"},
+                                  {"from": "human", "value": "u3"}, {"from": "human", "value": "?"},
+                                  {"from": "gpt", "value": "a3"}]},
+    {"id": "n", "conversations": [{"from": "human", "value": "u1"}, {"from": "gpt", "value": "a1"},
+                                  {"from": "human", "value": "u2"}, {"from": "gpt", "value": ""},
+                                  {"from": "human", "value": "v3"}]},
+]
+
+
+def test_conversation_prompts_carry_history(tmp_path):
+    got = list(sharegpt.conversation_prompts(MULTI_TURN, max_turns=None))
+    # The third turn of "m" is followed by a second user turn: cut where roles stop
+    # alternating; "n" repeats "m"'s first two prompts (deduped), then an empty reply cuts it.
+    assert got == [("m", ["u1"], []), ("m#2", ["u1", "u2"], ["a1"]),
+                   ("m#3", ["u1", "u2", "u3"], ["a1", "a2"])]
+    assert list(sharegpt.conversation_prompts(MULTI_TURN, max_turns=2, dedupe=False)) == [
+        ("m", ["u1"], []), ("m#2", ["u1", "u2"], ["a1"]),
+        ("n", ["u1"], []), ("n#2", ["u1", "u2"], ["a1"])]
+    path = tmp_path / "conversations.json.gz"  # a gzipped copy reads the same
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        json.dump(MULTI_TURN, f)
+    assert list(sharegpt.conversation_prompts(path, max_turns=None)) == got
 
 
 def test_sharegpt_real_file():
@@ -233,3 +260,21 @@ def test_generate_answers_token_prompts_and_modes(tmp_path, tiny_target):
         self_distill.generate_answers(target, [("c", "text")], tmp_path, batch_size=2,
                                       max_new_tokens=4, sampling=sampling, eos_ids=(2,),
                                       target_name="smollm2-135m-instruct", progress=False)
+
+
+def test_self_distilled_conversation_prompt(tmp_path, tiny_target):
+    """A later turn is answered after its history; one fixed prompt width gives the same answers."""
+    users, assistants = ["hello world", "why"], ["a tree map"]
+    kwargs = dict(batch_size=2, max_new_tokens=8, max_prompt_tokens=32, progress=False)
+    for width, out in ((None, tmp_path / "pow2"), (48, tmp_path / "fixed")):
+        self_distill.generate_answers(tiny_target, [("c#2", (users, assistants)), ("p3", "why")],
+                                      out, prompt_width=width, **kwargs)
+    records = {w: {r["id"]: r for r in self_distill.iter_records(tmp_path / w)}
+               for w in ("pow2", "fixed")}
+    assert records["pow2"] == records["fixed"]
+    record = records["fixed"]["c#2"]
+    assert record["prompt"] == "why"
+    assert record["prompt_tokens"] == tiny_target.chat_prompt(users, assistants)
+    assert record["answer_tokens"] == autoregressive.generate(
+        tiny_target.module, tiny_target.params, [record["prompt_tokens"]], max_new_tokens=8,
+        eos_ids=tiny_target.eos_ids).sequences()[0]

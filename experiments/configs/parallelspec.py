@@ -34,7 +34,8 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
     # without tensorflow-datasets); "random_prompts": distil random prompts now (tiny).
     c.data.source = "tfds"
     c.data.data_dir = "workdir/tfds"
-    c.data.jsonl_dir = "workdir/distilled/smollm2"  # experiments/generate_data.py --out_dir
+    # experiments/generate_data.py --out_dir; "jsonl" reads several, comma-separated.
+    c.data.jsonl_dir = "workdir/distilled/smollm2"
     c.data.num_random_prompts = 0
     c.data.random_prompt_length = 0
     c.data.random_answer_length = 0

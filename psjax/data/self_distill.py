@@ -164,19 +164,23 @@ def generate_answers(target, prompts: Sequence[tuple[str, str | Sequence[int]]],
                      out_dir: str | os.PathLike, *, batch_size: int = 8,
                      max_new_tokens: int = 512, sampling: Sampling = GREEDY,
                      max_prompt_tokens: int = 1024, cache_length: int | None = None,
-                     shard_size: int = 1000, seed: int = 0, target_name: str = "",
+                     prompt_width: int | None = None, shard_size: int = 1000, seed: int = 0, target_name: str = "",
                      eos_ids: Sequence[int] | None = None, progress: bool = True) -> Stats:
-    """Answers `prompts` ((id, user text) pairs) with `target` and appends them to `out_dir`.
+    """Answers `prompts` ((id, prompt) pairs) with `target` and appends them to `out_dir`.
 
-    A text prompt goes through `target.chat_prompt([text])`; a prompt given as a sequence of
-    token ids is taken as already templated (targets without a tokenizer). Prompts of more than
-    `max_prompt_tokens` tokens are dropped. The rest are sorted by length, longest first (out
-    of memory shows at once), and decoded `batch_size` at a time with
+    A text prompt goes through `target.chat_prompt([text])`, a conversation given as a pair
+    (user turns, assistant turns) through `target.chat_prompt(users, assistants)` (the record's
+    `prompt` is then the last user turn); a prompt given as a sequence of token ids is taken as
+    already templated (targets without a tokenizer). Prompts of more than
+    `max_prompt_tokens` tokens are dropped. The rest are sorted by length and cut into batches of
+    similar length, `batch_size` each, decoded the longest first (out of memory shows at once),
+    the others in a seeded random order (an interrupted run holds an unbiased sample), with
     psjax.decoding.autoregressive.generate, stopping on `eos_ids` (default: the target's); the
     last batch is filled up with copies so every batch has one shape (psjax pads prompt widths
     to powers of two, so there is one compilation per width). Sampling draws from a key derived
     from `seed` and the batch's ids. `cache_length` None = padded prompt width +
-    max_new_tokens per batch."""
+    max_new_tokens per batch; `prompt_width` (>= max_prompt_tokens) pads every batch to one
+    width, hence one compilation."""
     from tqdm.auto import tqdm
 
     out_dir = os.fspath(out_dir)
@@ -198,10 +202,13 @@ def generate_answers(target, prompts: Sequence[tuple[str, str | Sequence[int]]],
             stats.already_done += 1
             continue
         done.add(pid)  # a repeated id in `prompts` is answered once
-        if isinstance(prompt, str):
+        is_conversation = (isinstance(prompt, tuple) and len(prompt) == 2
+                           and all(isinstance(p, list) for p in prompt))
+        if isinstance(prompt, str) or is_conversation:
             if target.tokenizer is None:
                 raise ValueError("text prompts need a target with a tokenizer; pass token ids")
-            text, tokens = prompt, target.chat_prompt([prompt])
+            users, assistants = prompt if is_conversation else ([prompt], [])
+            text, tokens = users[-1], target.chat_prompt(users, assistants)
         else:
             text, tokens = None, [int(t) for t in prompt]
         if not tokens or len(tokens) > max_prompt_tokens:
@@ -209,12 +216,14 @@ def generate_answers(target, prompts: Sequence[tuple[str, str | Sequence[int]]],
             continue
         todo.append((pid, text, tokens))
     todo.sort(key=lambda item: -len(item[2]))
+    starts = list(range(0, len(todo), batch_size))
+    starts[1:] = np.random.default_rng(seed).permutation(starts[1:]).tolist()
 
     writer = _ShardWriter(out_dir, shard_size)
     bar = tqdm(total=len(todo), desc="self-distill", unit="prompt", disable=not progress)
     start = time.perf_counter()
     try:
-        for first in range(0, len(todo), batch_size):
+        for first in starts:
             batch = todo[first:first + batch_size]
             rows = [tokens for _, _, tokens in batch]
             rows += [rows[-1]] * (batch_size - len(rows))
@@ -222,6 +231,7 @@ def generate_answers(target, prompts: Sequence[tuple[str, str | Sequence[int]]],
             gen = autoregressive.generate(
                 target.module, target.params, rows, max_new_tokens=max_new_tokens,
                 sampling=sampling, eos_ids=eos_ids, cache_length=cache_length,
+                prompt_width=prompt_width,
                 rng=jax.random.fold_in(jax.random.PRNGKey(seed), key))
             records = []
             for (pid, text, tokens), answer in zip(batch, gen.sequences()):

@@ -18,6 +18,7 @@ psjax.data.builders uses it for MT-bench too.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import logging
 import os
@@ -125,7 +126,8 @@ def iter_conversations(path: str | os.PathLike | None = None,
     path = fetch() if path is None else path
     decoder = json.JSONDecoder()
     count = 0
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if os.fspath(path).endswith(".gz") else open  # also a gzipped copy
+    with opener(path, "rt", encoding="utf-8") as f:
         buf, pos, eof = "", 0, False
 
         def more() -> bool:  # drops the consumed prefix, appends a chunk; False at EOF
@@ -181,16 +183,20 @@ class PromptStats:
     duplicate: int = 0
 
 
-def first_user_turns(conversations: Iterable[dict] | str | os.PathLike | None = None, *,
-                     max_chars: int = 4000, min_chars: int = 1, dedupe: bool = True,
-                     stats: PromptStats | None = None) -> Iterator[tuple[str, str]]:
-    """(id, first user turn) of each conversation, stripped of surrounding whitespace.
+def conversation_prompts(conversations: Iterable[dict] | str | os.PathLike | None = None, *,
+                         max_turns: int | None = 1, max_chars: int = 4000, min_chars: int = 1,
+                         dedupe: bool = True, stats: PromptStats | None = None
+                         ) -> Iterator[tuple[str, list[str], list[str]]]:
+    """(id, user turns, assistant turns) for each of the first `max_turns` user turns of each
+    conversation (None: all), with the history before it: the prompt a model answers at that
+    turn. The first turn's id is the conversation's, a later one's `<id>#<n>` (n from 2).
 
     Leading system turns are skipped; a conversation whose first other turn is not the user's
     (ShareGPT's split continuations start with the assistant) has no self-contained prompt and
-    is dropped, as are prompts shorter than `min_chars` or longer than `max_chars` (None: no
-    limit) and, with `dedupe`, exact repeats of an earlier prompt. `conversations` may be
-    records, a path, or None (= `fetch()`); pass a PromptStats to get the counts."""
+    is dropped; a conversation is cut where roles stop alternating, or at a turn shorter than
+    `min_chars` or longer than `max_chars` (None: no limit). With `dedupe`, an exact repeat of
+    an earlier prompt (history included) is skipped. `conversations` may be records, a path,
+    or None (= `fetch()`); pass a PromptStats to get the counts (of first turns)."""
     if conversations is None or isinstance(conversations, (str, os.PathLike)):
         conversations = iter_conversations(conversations)
     stats = PromptStats() if stats is None else stats
@@ -203,17 +209,41 @@ def first_user_turns(conversations: Iterable[dict] | str | os.PathLike | None = 
         if not turns or turns[0].get("from") not in USER_ROLES:
             stats.not_user_first += 1
             continue
-        text = (turns[0].get("value") or "").strip()
-        if len(text) < max(min_chars, 1):
-            stats.empty += 1
-            continue
-        if max_chars is not None and len(text) > max_chars:
-            stats.too_long += 1
-            continue
-        if dedupe:
-            if text in seen:
-                stats.duplicate += 1
+        users, assistants = [], []
+        for i, turn in enumerate(turns):
+            if max_turns is not None and len(users) == max_turns and i % 2 == 0:
+                break
+            if (turn.get("from") in USER_ROLES) != (i % 2 == 0):
+                break  # roles stop alternating
+            text = (turn.get("value") or "").strip()
+            problem = ("empty" if len(text) < max(min_chars, 1) else
+                       "too_long" if max_chars is not None and len(text) > max_chars else None)
+            if problem:
+                if not users:
+                    setattr(stats, problem, getattr(stats, problem) + 1)
+                break
+            if i % 2:
+                assistants.append(text)
                 continue
-            seen.add(text)
-        stats.kept += 1
-        yield str(record["id"]), text
+            users.append(text)
+            if dedupe:
+                key = tuple(users) + tuple(assistants)
+                if key in seen:
+                    if len(users) == 1:
+                        stats.duplicate += 1
+                    break
+                seen.add(key)
+            if len(users) == 1:
+                stats.kept += 1
+            pid = str(record["id"]) if len(users) == 1 else f"{record['id']}#{len(users)}"
+            yield pid, list(users), list(assistants)
+
+
+def first_user_turns(conversations: Iterable[dict] | str | os.PathLike | None = None, *,
+                     max_chars: int = 4000, min_chars: int = 1, dedupe: bool = True,
+                     stats: PromptStats | None = None) -> Iterator[tuple[str, str]]:
+    """(id, first user turn) of each conversation, stripped of surrounding whitespace: the
+    first-turn prompts of `conversation_prompts` (which says what is dropped)."""
+    for pid, users, _ in conversation_prompts(conversations, max_turns=1, max_chars=max_chars,
+                                              min_chars=min_chars, dedupe=dedupe, stats=stats):
+        yield pid, users[0]

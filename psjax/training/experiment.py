@@ -46,7 +46,13 @@ def make_source(config, target: Target) -> Sequence[dict]:
                                      config.data.random_answer_length, config.seed)
     from psjax.data import self_distill
     if config.data.source == "jsonl":  # generate_answers' shards, read directly
-        return [self_distill.as_arrays(r) for r in self_distill.iter_records(config.data.jsonl_dir)]
+        # Several directories (comma-separated) mix, e.g. first-turn and multi-turn answers.
+        dirs = [d.strip() for d in config.data.jsonl_dir.split(",")]
+        missing = [d for d in dirs if not os.path.isdir(d)]
+        if missing:
+            raise FileNotFoundError(f"data.jsonl_dir: no directory {missing}; write it with "
+                                    "experiments/generate_data.py --out_dir")
+        return [self_distill.as_arrays(r) for d in dirs for r in self_distill.iter_records(d)]
     if config.data.source == "tfds":  # the SelfDistilled ArrayRecord dataset built from them
         from psjax.data import builders
         builder = builders.SelfDistilled(
