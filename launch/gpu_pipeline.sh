@@ -13,6 +13,8 @@
 #   launch/gpu_pipeline.sh grid MODEL DRAFTER     batch x temperature throughput of each method
 #   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts (up
 #                                                to 4 turns each), packed into $OUT to keep
+#   launch/gpu_pipeline.sh unpack MODEL          a kept pack, carried as .whl/distilled_MODEL/,
+#                                                back to /tmp/distilled/MODEL (no distill run)
 #   launch/gpu_pipeline.sh train MODEL VARIANT [--config.x=y ...]   drafter training + export
 #   DRY_RUN=1 launch/gpu_pipeline.sh STAGE ...   prints the commands instead of running them
 set -euo pipefail
@@ -78,6 +80,11 @@ for line in sys.stdin:
     r = json.loads(line)
     print(json.dumps({k: r[k] for k in (\"id\", \"prompt_tokens\", \"answer_tokens\", \"finished\")}))' \
         | gzip | split -b 15M - $OUT/distilled_$model/ids.jsonl.gz.part" ;;
+  unpack)
+    model=$1
+    run mkdir -p "/tmp/distilled/$model"
+    run bash -c "cat .whl/distilled_$model/ids.jsonl.gz.part* | gunzip \
+        > /tmp/distilled/$model/shard-00000.jsonl" ;;
   train)
     model=$1 variant=$2; shift 2
     # TIME_LIMIT=S stops training after S seconds; the export takes the last checkpoint.

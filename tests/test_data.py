@@ -278,3 +278,18 @@ def test_self_distilled_conversation_prompt(tmp_path, tiny_target):
     assert record["answer_tokens"] == autoregressive.generate(
         tiny_target.module, tiny_target.params, [record["prompt_tokens"]], max_new_tokens=8,
         eos_ids=tiny_target.eos_ids).sequences()[0]
+
+
+def test_training_source_mixes_jsonl_dirs(tmp_path, tiny_target):
+    import ml_collections
+    from psjax.training import experiment
+    kwargs = dict(batch_size=2, max_new_tokens=4, max_prompt_tokens=32, progress=False)
+    self_distill.generate_answers(tiny_target, PROMPTS[:2], tmp_path / "a", **kwargs)
+    self_distill.generate_answers(tiny_target, PROMPTS[3:4], tmp_path / "b", **kwargs)
+    config = ml_collections.ConfigDict({"data": {"source": "jsonl",
+                                                 "jsonl_dir": f"{tmp_path / 'a'}, {tmp_path / 'b'}"}})
+    source = experiment.make_source(config, tiny_target)
+    assert sorted(ex["id"] for ex in source) == ["p0", "p1", "p3"]
+    config.data.jsonl_dir = f"{tmp_path / 'a'},{tmp_path / 'missing'}"
+    with pytest.raises(FileNotFoundError, match="missing"):
+        experiment.make_source(config, tiny_target)
