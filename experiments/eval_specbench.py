@@ -85,8 +85,9 @@ flags.DEFINE_string("drafter", "", "ParallelSpec drafter directory (save_drafter
 flags.DEFINE_integer("ps_k", 0, "parallelspec: chain length; 0 = all the drafter's drafts "
                      "(k masks + 1)")
 flags.DEFINE_string("ps_tree", "4,2,2,1", "parallelspec_tree: branching per depth")
-flags.DEFINE_integer("prompt_width", 0, "psjax: pad every prompt to this width (one "
-                     "compilation per method; prefill pays for the padding); 0 = powers of two")
+flags.DEFINE_list("prompt_width", [], "psjax: pad every prompt to this width (one compilation "
+                  "per method; prefill pays for the padding), or to the smallest of several "
+                  "(e.g. 512,2048: one compilation each); empty = powers of two")
 flags.DEFINE_integer("hf_pld_k", 10, "hf_pld: prompt_lookup_num_tokens")
 flags.DEFINE_float("mismatch_gap", specbench.MISMATCH_GAP,
                    "a divergence is a mismatch when the float32 top-2 logit gap exceeds this")
@@ -130,7 +131,8 @@ def main(argv):
         ps_k=FLAGS.ps_k, ps_tree=tuple(int(b) for b in FLAGS.ps_tree.split(",")),
         hf_pld_k=FLAGS.hf_pld_k,
         draft_dir=hf_baselines.resolve_model(FLAGS.draft) if FLAGS.draft else None,
-        drafter_dir=drafter_dir or None, prompt_width=FLAGS.prompt_width or None)
+        drafter_dir=drafter_dir or None,
+        prompt_width=tuple(sorted(int(w) for w in FLAGS.prompt_width)) or None)
     try:
         methods, skipped = specbench.make_methods(names, target, hf_dir, opts)
     except ValueError as e:

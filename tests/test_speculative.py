@@ -9,7 +9,7 @@ import scipy.stats
 
 import tiny_models
 from psjax.convert import hf
-from psjax.decoding import autoregressive, speculative
+from psjax.decoding import autoregressive, common, speculative
 from psjax.decoding.common import CacheTooSmallError
 from psjax.decoding.sampling import Sampling
 from psjax.decoding.tree import Tree
@@ -121,3 +121,18 @@ def test_bad_draft_length(tiny):
     with pytest.raises(ValueError, match="k must be >= 1"):
         speculative.generate(module, params, [[1]], drafter=PromptLookup(), tree=0,
                              max_new_tokens=4)
+
+
+def test_prompt_width_buckets(tiny):
+    """Several prompt widths: each batch takes the smallest that holds it (one compilation per
+    width); the padding does not change the output."""
+    assert common.pad_prompts([[1] * 5], width=(32, 8))[0].shape == (1, 8)
+    assert common.pad_prompts([[1] * 5, [1] * 20], width=(8, 32))[0].shape == (2, 32)
+    assert common.pad_prompts([[1] * 5], width=16)[0].shape == (1, 16)
+    with pytest.raises(CacheTooSmallError, match="prompt_width=32; raise prompt_width"):
+        common.pad_prompts([[1] * 40], width=(8, 32))
+    module, params, *_ = tiny
+    prompt = [[3, 1, 4, 1, 5]]
+    kw = dict(max_new_tokens=6, cache_length=48)
+    assert (autoregressive.generate(module, params, prompt, prompt_width=(8, 32), **kw).sequences()
+            == autoregressive.generate(module, params, prompt, prompt_width=32, **kw).sequences())

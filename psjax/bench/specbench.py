@@ -113,7 +113,7 @@ class PsjaxMethod(Method):
     def __init__(self, name: str, module: Transformer, params, *, max_new_tokens: int,
                  eos_ids: Sequence[int], sampling: Sampling = GREEDY,
                  drafter: Drafter | None = None, drafter_params=None, tree: Tree | None = None,
-                 pad_id: int = 0, prompt_width: int | None = None):
+                 pad_id: int = 0, prompt_width: int | Sequence[int] | None = None):
         if (drafter is None) != (tree is None):
             raise ValueError("a speculative method needs both a drafter and a tree")
         self.name, self.module, self.params = name, module, params
@@ -122,8 +122,8 @@ class PsjaxMethod(Method):
         self.pad_id, self.prompt_width = pad_id, prompt_width
 
     def shape_key(self, prompt):
-        # The jit specialises on the padded prompt width (a power of two, or the fixed
-        # prompt_width); the cache length follows from it.
+        # The jit specialises on the padded prompt width (a power of two, or the one of
+        # prompt_width that fits); the cache length follows from it.
         return common.pad_prompts([prompt], self.pad_id, self.prompt_width)[0].shape[1]
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], rng: jax.Array | None = None
@@ -209,7 +209,9 @@ class Options:
     hf_pld_k: int = 10  # transformers' prompt_lookup_num_tokens
     draft_dir: str | None = None  # draft model (sps, hf_assisted): an HF directory
     drafter_dir: str | None = None  # trained ParallelSpec drafter directory
-    prompt_width: int | None = None  # psjax: one fixed padded prompt width (None: powers of 2)
+    # psjax: padded prompt width(s): one fixed width, or the smallest of several that fits
+    # (one compilation each); None: powers of 2
+    prompt_width: int | tuple[int, ...] | None = None
 
 
 def pad_id_of(target) -> int:

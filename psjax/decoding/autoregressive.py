@@ -75,7 +75,7 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, sampling: Sampling = GREEDY, eos_ids: Sequence[int] = (),
              cache_length: int | None = None, rng: jax.Array | None = None,
              cache_dtype=None, pad_id: int = 0,
-             prompt_width: int | None = None) -> common.Generation:
+             prompt_width: int | Sequence[int] | None = None) -> common.Generation:
     """Decodes a batch of token-id prompts (different lengths allowed) token by token."""
     tokens, lengths = common.pad_prompts(prompts, pad_id, prompt_width)
     if cache_length is None:

@@ -20,17 +20,24 @@ class CacheTooSmallError(ValueError):
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
-                width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pads token lists into [B, P] and returns their lengths. P is `width` when given (one
-    compilation for every prompt: benchmarks), else the next power of two."""
+                width: int | Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pads token lists into [B, P] and returns their lengths. P is `width` when it is an
+    int (one compilation for every prompt: benchmarks), the smallest of several widths that
+    holds the longest prompt (one compilation per width: short prompts skip a long prompt
+    pass), else the next power of two."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     lengths = np.array([len(p) for p in prompts], np.int32)
+    longest = int(lengths.max())
     if width is None:
-        width = max(MIN_PROMPT_WIDTH, 1 << (int(lengths.max()) - 1).bit_length())
-    elif width < lengths.max():
-        raise CacheTooSmallError(f"a prompt of {int(lengths.max())} tokens is longer than "
-                                 f"prompt_width={width}; raise prompt_width")
+        width = max(MIN_PROMPT_WIDTH, 1 << (longest - 1).bit_length())
+    else:
+        widths = [width] if isinstance(width, (int, np.integer)) else sorted(width)
+        fits = [w for w in widths if w >= longest]
+        if not fits:
+            raise CacheTooSmallError(f"a prompt of {longest} tokens is longer than "
+                                     f"prompt_width={max(widths)}; raise prompt_width")
+        width = int(fits[0])
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = prompt

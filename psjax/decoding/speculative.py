@@ -130,7 +130,7 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, sampling: Sampling = GREEDY, eos_ids: Sequence[int] = (),
              cache_length: int | None = None, rng: jax.Array | None = None,
              cache_dtype=None, pad_id: int = 0,
-             prompt_width: int | None = None) -> common.Generation:
+             prompt_width: int | Sequence[int] | None = None) -> common.Generation:
     """Speculative decoding of a batch of token-id prompts. `tree` is a Tree, or an int k for a
     chain of k drafts. Greedy output equals `autoregressive.generate`'s; sampled output follows
     the same distribution."""
