@@ -101,7 +101,8 @@ def profile(target, prompts, prefill: float) -> dict:
         env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}")
         cmd = [sys.executable, __file__, "--child", f"--shapes={FLAGS.profile_shape}",
                f"--batch={FLAGS.batch}", f"--context={FLAGS.context}",
-               f"--new_tokens={FLAGS.new_tokens}", f"--repeats={FLAGS.repeats}"]
+               f"--new_tokens={FLAGS.new_tokens}", f"--repeats={FLAGS.repeats}",
+               f"--fused={FLAGS.fused}"]  # the variants compare with the headline step
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
         out[label] = ({"xla_flags": xla_flags, **json.loads(lines[-1])} if lines else
@@ -172,7 +173,7 @@ def main(argv):
     del argv
     if FLAGS.child:
         name = FLAGS.shapes.split(",")[0]
-        target = random_target(limits.shape_config(name), dtype="bfloat16")
+        target = random_target(limits.shape_config(name), dtype="bfloat16", fused=FLAGS.fused)
         prompts = random_prompts(target.config, FLAGS.batch, FLAGS.context)
         prefill = limits.prefill_seconds(target.module, target.params, prompts, FLAGS.repeats)
         print(json.dumps({"ar_ms": ar_ms(target.module, target.params, prompts, prefill)}))
