@@ -32,7 +32,13 @@ def main(argv):
 
     def report(step, m):
         top1 = " ".join(f"{x:.2f}" for x in m["top1"])
-        extra = f" eval_tau {m['eval_tau']:.2f}" if "eval_tau" in m else ""
+        extra = ""
+        if "holdout_loss" in m:  # the same metrics on sequences never trained on
+            extra += (f" | held out: loss {m['holdout_loss']:.4f} top1/pos ["
+                      + " ".join(f"{x:.2f}" for x in m["holdout_top1"])
+                      + f"] tau~{m['holdout_tau_estimate']:.2f}")
+        if "eval_tau" in m:
+            extra += f" eval_tau {m['eval_tau']:.2f}"
         logging.info("step %d loss %.4f top1/pos [%s] tau~%.2f%s %.0f tok/s mfu %.1f%%", step,
                      m["loss"], top1, m["tau_estimate"], extra, m["tokens_per_s"],
                      100 * m["mfu"])

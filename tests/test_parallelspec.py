@@ -19,7 +19,7 @@ from psjax.models.llama import Transformer
 
 sys.path.insert(0, "experiments")
 from configs import parallelspec as configs  # noqa: E402
-from psjax.training import experiment  # noqa: E402
+from psjax.training import data, experiment  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,23 @@ def test_tiny_training_loss_falls(tmp_path):
     _, history = experiment.train(_tiny_config(), str(tmp_path))
     losses = [m["loss"] for m in history]
     assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_holdout_is_never_trained_on_and_measured(tmp_path):
+    source = [{"tokens": np.arange(i, i + 6), "prompt_length": 2} for i in range(21)]
+    train, held = data.split_holdout(source, 9, batch_size=4, max_length=8)
+    assert len(train) == 13 and len(held) == 2  # 9 rounded down to two batches of 4
+    assert [int(train[i]["tokens"][0]) for i in range(len(train))] == list(range(13))
+    assert held[0]["tokens"][:, 0].tolist() == [13, 14, 15, 16]
+    assert data.split_holdout(source, 0, batch_size=4, max_length=8)[1] == []
+
+    config = _tiny_config(eval_every=20)  # = total_steps: one evaluation, at the end
+    trainer, history = experiment.train(config, str(tmp_path))
+    last = history[-1]
+    depth = trainer.drafter.config.draft_length
+    assert len(last["holdout_top1"]) == depth and np.isfinite(last["holdout_loss"])
+    assert 1.0 <= last["holdout_tau_estimate"] <= 1.0 + depth and "eval_tau" in last
+    assert "holdout_loss" not in history[0]
 
 
 def test_resume_gives_the_same_curve(tmp_path):

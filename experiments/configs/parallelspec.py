@@ -36,6 +36,7 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
     c.data.data_dir = "workdir/tfds"
     # experiments/generate_data.py --out_dir; "jsonl" reads several, comma-separated.
     c.data.jsonl_dir = "workdir/distilled/smollm2"
+    c.data.holdout = 256  # sequences kept out of training; holdout_* metrics at eval_every
     c.data.num_random_prompts = 0
     c.data.random_prompt_length = 0
     c.data.random_answer_length = 0
@@ -69,6 +70,7 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
         c.compute_dtype = "float32"
         c.data.source = "random_prompts"
         c.data.num_random_prompts = 64
+        c.data.holdout = 16
         c.data.random_prompt_length = 8
         c.data.random_answer_length = 24
         c.max_length = 32

@@ -3,6 +3,7 @@
 An example is a dict with `tokens` (prompt + answer ids) and `prompt_length`. Any random-access
 source works: a TFDS ArrayRecord data source (psjax.data.builders.SelfDistilled) or a list. The
 order is a fixed permutation per epoch, so a position (examples consumed) names the next batch.
+`split_holdout` keeps the last examples out of training, to measure on data never trained on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,32 @@ def collate(examples: Sequence[dict], max_length: int, pad_id: int = 0) -> dict:
         lengths[i] = len(seq)
         prompt_lengths[i] = min(int(ex["prompt_length"]), len(seq))
     return {"tokens": tokens, "lengths": lengths, "prompt_lengths": prompt_lengths}
+
+
+class _Range(Sequence):
+    """source[start:stop] without copying (a TFDS data source does not slice)."""
+
+    def __init__(self, source: Sequence[Any], start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.source[self.start + i]
+
+
+def split_holdout(source: Sequence[Any], num: int, batch_size: int, max_length: int
+                  ) -> tuple[Sequence[Any], list[dict]]:
+    """(training examples, held-out batches): the last `num` examples, rounded down to whole
+    batches, are collated once and never trained on."""
+    num = (min(num, len(source) - 1) // batch_size) * batch_size if num > 0 else 0
+    held = _Range(source, len(source) - num, len(source))
+    return (_Range(source, 0, len(source) - num),
+            [collate([held[i] for i in range(b, b + batch_size)], max_length)
+             for b in range(0, num, batch_size)])
 
 
 def batches(source: Sequence[Any], batch_size: int, max_length: int, seed: int,

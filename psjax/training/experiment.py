@@ -16,6 +16,7 @@ from psjax.decoding import autoregressive, common, speculative
 from psjax.drafters import parallelspec
 from psjax.models.config import ModelConfig
 from psjax.models.target import DTYPES, Target, load_target, random_target
+from psjax.training import data
 from psjax.training import trainer as trainer_lib
 
 
@@ -111,10 +112,14 @@ def train(config, workdir: str, on_metrics=None) -> tuple[trainer_lib.Trainer, l
         mesh=tuple(config.mesh), num_devices=config.num_devices, peak_tflops=config.peak_tflops, eval_every=config.eval_every)
     trainer = trainer_lib.Trainer(train_config, target, drafter_config, target_name,
                                   compute_dtype=DTYPES[config.compute_dtype])
-    source = make_source(config, target)
-    logging.info("target %s (%.1fM params), drafter k=%d %s, %d training sequences",
+    source, holdout = data.split_holdout(make_source(config, target), config.data.holdout,
+                                         config.batch_size, config.max_length)
+    logging.info("target %s (%.1fM params), drafter k=%d %s, %d training sequences, %d held out",
                  target_name[:60], target.config.num_params() / 1e6, drafter_config.num_masks,
-                 drafter_config.input_mode, len(source))
-    evaluate = make_evaluator(config, target, trainer.drafter) if config.eval_every else None
+                 drafter_config.input_mode, len(source), len(holdout) * config.batch_size)
+    evaluate = None
+    if config.eval_every:
+        tau = make_evaluator(config, target, trainer.drafter)
+        evaluate = lambda params: {**trainer.holdout_metrics(params, holdout), **tau(params)}
     history = trainer.train(source, evaluate, on_metrics)
     return trainer, history

@@ -179,6 +179,11 @@ class Trainer:
             self._train_step, donate_argnums=(0,),
             in_shardings=(self.state_sharding, self.target_sharding, self.batch_sharding, None),
             out_shardings=(self.state_sharding, None))
+        self._metrics = jax.jit(
+            lambda params, target_params, batch: loss_fn(
+                params, target_params, batch, jax.random.PRNGKey(0), drafter=self.drafter,
+                loss=self.config.loss)[1],
+            in_shardings=(self.state_sharding.params, self.target_sharding, self.batch_sharding))
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -218,6 +223,24 @@ class Trainer:
         metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(state.step + 1, optax.apply_updates(state.params, updates),
                           opt_state), metrics
+
+    def holdout_metrics(self, params, batches: Sequence[dict]) -> dict:
+        """The training metrics on held-out batches (fixed anchors, no update), prefixed
+        `holdout_`: next to the training batches' metrics they show overfitting."""
+        sums, weight = None, 0.0
+        with sharding.activate(self.mesh, self.config.rules):
+            for batch in batches:
+                m = jax.tree.map(np.asarray, self._metrics(params, self.target_params, batch))
+                w = float(m.pop("num_predictions"))
+                m.pop("tau_estimate")
+                sums = jax.tree.map(lambda x: x * w, m) if sums is None else jax.tree.map(
+                    lambda a, x: a + x * w, sums, m)
+                weight += w
+        if sums is None or weight == 0:
+            return {}
+        mean = jax.tree.map(lambda x: x / weight, sums)
+        mean["tau_estimate"] = 1.0 + float(np.sum(np.cumprod(mean["top1"])))
+        return {f"holdout_{k}": np.asarray(v).tolist() for k, v in mean.items()}
 
     # --- checkpoints -------------------------------------------------------------------------
 
