@@ -160,12 +160,14 @@ def _check_meta(out_dir: str, meta: dict) -> None:
                          f"= {diff}); use another out_dir")
 
 
-def generate_answers(target, prompts: Sequence[tuple[str, str | Sequence[int]]],
+def generate_answers(target,
+                     prompts: Sequence[tuple[str, str | tuple[list, list] | Sequence[int]]],
                      out_dir: str | os.PathLike, *, batch_size: int = 8,
                      max_new_tokens: int = 512, sampling: Sampling = GREEDY,
                      max_prompt_tokens: int = 1024, cache_length: int | None = None,
-                     prompt_width: int | None = None, shard_size: int = 1000, seed: int = 0, target_name: str = "",
-                     eos_ids: Sequence[int] | None = None, progress: bool = True) -> Stats:
+                     prompt_width: int | None = None, shard_size: int = 1000, seed: int = 0,
+                     target_name: str = "", eos_ids: Sequence[int] | None = None,
+                     progress: bool = True) -> Stats:
     """Answers `prompts` ((id, prompt) pairs) with `target` and appends them to `out_dir`.
 
     A text prompt goes through `target.chat_prompt([text])`, a conversation given as a pair
