@@ -119,6 +119,8 @@ def main(argv):
         raise app.UsageError(f"unknown methods {unknown}; known: {list(specbench.METHODS)} "
                              "and parallelspec_kN")
     names = [specbench.BASELINE] + [m for m in dict.fromkeys(names) if m != specbench.BASELINE]
+    if FLAGS.dtype == "float32":  # true float32 matmuls (GPUs default to TF32): the exact check
+        jax.config.update("jax_default_matmul_precision", "highest")
     hf_dir = hf_baselines.resolve_model(FLAGS.target)
     target = psjax.load_target(hf_dir, dtype=FLAGS.dtype)
     drafter_dir = FLAGS.drafter

@@ -310,7 +310,8 @@ class Float32Judge:
             self._model = self._load()
         module, params = self._model
         tokens, lengths = common.pad_prompts([context])
-        values, ids = _top2_jit(module, params, jnp.asarray(tokens), jnp.asarray(lengths))
+        with jax.default_matmul_precision("highest"):  # GPUs default to TF32 for float32
+            values, ids = _top2_jit(module, params, jnp.asarray(tokens), jnp.asarray(lengths))
         values, ids = np.asarray(values)[0], np.asarray(ids)[0]
         gap = float(values[0] - values[1])
         spacing = self.eps * 2.0 ** math.floor(math.log2(max(abs(float(values[0])), 1e-30)))
