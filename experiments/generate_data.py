@@ -21,6 +21,16 @@ tokens; `launch/gpu_pipeline.sh distill`):
         --dtype bfloat16 --max_turns 4 --num_prompts 25056 --batch_size 128 \
         --max_new_tokens 512 --max_prompt_tokens 384 --prompt_width 384
 
+Raw conversations instead (issue 4's option): `--answers conversation` takes each turn's own
+ShareGPT reply as the answer (templated as the target renders an assistant turn, cut at
+--max_new_tokens); nothing is decoded, so it runs on a CPU in minutes, and training still takes
+its targets from the target model. Mix it with self-distilled data through data.jsonl_dir
+(comma-separated directories). The set the next Qwen drafter trains on:
+
+    PYTHONPATH=. python experiments/generate_data.py --target qwen2.5-coder-0.5b-instruct \
+        --answers conversation --max_turns 8 --num_prompts 100000 --max_prompt_tokens 384 \
+        --max_new_tokens 512 --data_dir ''
+
 Sampled instead of greedy: add `--temperature 0.7 --top_p 0.9` (another config name, so another
 default --out_dir). Defaults: --out_dir <data cache>/self_distilled/<target>-<mode>/jsonl and
 --data_dir <data cache>/tfds, data cache = $PSJAX_DATA_CACHE or ~/.cache/psjax/data.
@@ -50,6 +60,8 @@ from psjax.decoding.sampling import Sampling
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "smollm2-135m-instruct", "registry name or local HF directory")
+flags.DEFINE_enum("answers", "target", ["target", "conversation"], "who answers: the target "
+                  "(self-distillation) or the conversation's own reply (raw ShareGPT)")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weights and compute dtype")
 flags.DEFINE_integer("num_prompts", 1000, "first N filtered ShareGPT prompts (9,574 first "
                      "turns; 25,056 with --max_turns 4)")
@@ -74,7 +86,8 @@ flags.DEFINE_string("data_dir", None, "TFDS data_dir ('' = skip the TFDS build)"
 
 def main(argv):
     del argv
-    sampling = Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    sampling = (Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+                if FLAGS.answers == "target" else None)
     name = self_distill.config_name(FLAGS.target, sampling)
     root = sharegpt.data_cache_root()
     out_dir = FLAGS.out_dir or os.path.join(root, "self_distilled", name, "jsonl")
@@ -83,22 +96,32 @@ def main(argv):
     if FLAGS.prompt_width and FLAGS.prompt_width < FLAGS.max_prompt_tokens:
         raise app.UsageError(f"--prompt_width {FLAGS.prompt_width} is below --max_prompt_tokens "
                              f"{FLAGS.max_prompt_tokens}: raise it or lower --max_prompt_tokens")
-    conversations = sharegpt.conversation_prompts(
-        FLAGS.sharegpt, max_turns=FLAGS.max_turns, max_chars=FLAGS.max_prompt_chars)
-    # A first turn stays a text prompt (as before); a later one is its conversation so far.
-    prompts = [(pid, users[0] if len(users) == 1 else (users, assistants))
-               for pid, users, assistants in itertools.islice(conversations, FLAGS.num_prompts)]
+    turns = itertools.islice(sharegpt.conversation_turns(
+        FLAGS.sharegpt, max_turns=FLAGS.max_turns, max_chars=FLAGS.max_prompt_chars),
+        FLAGS.num_prompts)
     target = psjax.load_target(FLAGS.target, FLAGS.dtype)
-    stats = self_distill.generate_answers(
-        target, prompts, out_dir, batch_size=FLAGS.batch_size,
-        max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
-        max_prompt_tokens=FLAGS.max_prompt_tokens, cache_length=FLAGS.cache_length or None,
-        prompt_width=FLAGS.prompt_width or None,
-        shard_size=FLAGS.shard_size, seed=FLAGS.seed, target_name=FLAGS.target)
-    print(f"{name}: {stats.written} answered now ({stats.finished} ended on EOS), "
-          f"{stats.already_done} done before, {stats.too_long} prompts too long; "
-          f"{stats.answer_tokens} tokens in {stats.seconds:.1f} s = "
-          f"{stats.tokens_per_second:.1f} tok/s (compilation included) -> {out_dir}")
+    if FLAGS.answers == "conversation":
+        stats = self_distill.write_conversation_answers(
+            target, turns, out_dir, max_prompt_tokens=FLAGS.max_prompt_tokens,
+            max_answer_tokens=FLAGS.max_new_tokens, shard_size=FLAGS.shard_size,
+            target_name=FLAGS.target)
+        print(f"{name}: {stats.written} replies written now ({stats.finished} whole), "
+              f"{stats.already_done} done before, {stats.too_long} prompts too long; "
+              f"{stats.answer_tokens} answer tokens -> {out_dir}")
+    else:
+        # A first turn stays a text prompt (as before); a later one is its conversation so far.
+        prompts = [(pid, users[0] if len(users) == 1 else (users, assistants))
+                   for pid, users, assistants, _ in turns]
+        stats = self_distill.generate_answers(
+            target, prompts, out_dir, batch_size=FLAGS.batch_size,
+            max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
+            max_prompt_tokens=FLAGS.max_prompt_tokens, cache_length=FLAGS.cache_length or None,
+            prompt_width=FLAGS.prompt_width or None,
+            shard_size=FLAGS.shard_size, seed=FLAGS.seed, target_name=FLAGS.target)
+        print(f"{name}: {stats.written} answered now ({stats.finished} ended on EOS), "
+              f"{stats.already_done} done before, {stats.too_long} prompts too long; "
+              f"{stats.answer_tokens} tokens in {stats.seconds:.1f} s = "
+              f"{stats.tokens_per_second:.1f} tok/s (compilation included) -> {out_dir}")
 
     if data_dir:
         from psjax.data import builders  # tensorflow-datasets: not needed to generate

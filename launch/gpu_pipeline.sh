@@ -13,8 +13,13 @@
 #   launch/gpu_pipeline.sh grid MODEL DRAFTER     batch x temperature throughput of each method
 #   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts (up
 #                                                to 4 turns each), packed into $OUT to keep
-#   launch/gpu_pipeline.sh unpack MODEL          a kept pack, carried as .whl/distilled_MODEL/,
-#                                                back to /tmp/distilled/MODEL (no distill run)
+#   launch/gpu_pipeline.sh pack SRC DEST         a JSONL shard directory packed as distill does
+#                                                (here, e.g. raw conversations: generate_data.py
+#                                                --answers conversation, then pack into
+#                                                .whl/conversation_MODEL)
+#   launch/gpu_pipeline.sh unpack MODEL [KIND]   a kept pack, carried as .whl/KIND_MODEL/ (KIND:
+#                                                distilled, the default, or conversation), back
+#                                                to /tmp/KIND/MODEL (no distill run)
 #   launch/gpu_pipeline.sh train MODEL VARIANT [--config.x=y ...]   drafter training + export
 #   DRY_RUN=1 launch/gpu_pipeline.sh STAGE ...   prints the commands instead of running them
 set -euo pipefail
@@ -23,6 +28,16 @@ export PYTHONPATH=".:/tmp/site" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE
        JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 OUT=${OUT:-/tmp/out}
 run() { if [[ -n "${DRY_RUN:-}" ]]; then echo "+ $*"; else "$@"; fi; }
+# Token ids only (the texts decode from them) of a JSONL shard directory, gzipped in 15 MB
+# pieces: what comes back from $OUT, and what `unpack` reads.
+pack() {
+  mkdir -p "$2"
+  cat "$1"/shard-*.jsonl | python3 -c 'import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print(json.dumps({k: r[k] for k in ("id", "prompt_tokens", "answer_tokens", "finished")}))' \
+    | gzip | split -b 15M - "$2/ids.jsonl.gz.part"
+}
 declare -A GGUF_SHA=(
   [smol]=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
   [qwen05]=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
@@ -73,18 +88,14 @@ torch.__version__, jax.devices())" ;;
         --sharegpt /tmp/sharegpt_prompts.json.gz --max_turns 4 --num_prompts "$n" \
         --batch_size 128 --max_new_tokens 512 --max_prompt_tokens 384 --prompt_width 384 \
         --out_dir "/tmp/distilled/$model" --data_dir '' "$@" || true
-    # Token ids only (the texts decode from them), in 15 MB pieces: what comes back from $OUT.
-    run mkdir -p "$OUT/distilled_$model"
-    run bash -c "cat /tmp/distilled/$model/shard-*.jsonl | python3 -c 'import json, sys
-for line in sys.stdin:
-    r = json.loads(line)
-    print(json.dumps({k: r[k] for k in (\"id\", \"prompt_tokens\", \"answer_tokens\", \"finished\")}))' \
-        | gzip | split -b 15M - $OUT/distilled_$model/ids.jsonl.gz.part" ;;
+    run pack "/tmp/distilled/$model" "$OUT/distilled_$model" ;;
+  pack)
+    run pack "$1" "$2" ;;
   unpack)
-    model=$1
-    run mkdir -p "/tmp/distilled/$model"
-    run bash -c "cat .whl/distilled_$model/ids.jsonl.gz.part* | gunzip \
-        > /tmp/distilled/$model/shard-00000.jsonl" ;;
+    model=$1 kind=${2:-distilled}
+    run mkdir -p "/tmp/$kind/$model"
+    run bash -c "cat .whl/${kind}_$model/ids.jsonl.gz.part* | gunzip \
+        > /tmp/$kind/$model/shard-00000.jsonl" ;;
   train)
     model=$1 variant=$2; shift 2
     # TIME_LIMIT=S stops training after S seconds; the export takes the last checkpoint.

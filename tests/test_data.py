@@ -280,6 +280,30 @@ def test_self_distilled_conversation_prompt(tmp_path, tiny_target):
         eos_ids=tiny_target.eos_ids).sequences()[0]
 
 
+def test_conversation_answers(tmp_path, tiny_target):
+    """Raw conversations: each turn's own reply, templated as an assistant turn, cut after its
+    end-of-turn token; a turn without a reply is skipped; a re-run adds nothing."""
+    records = [{"id": "r", "conversations": [
+        {"from": "human", "value": "what is jax"}, {"from": "gpt", "value": "a tree map"},
+        {"from": "human", "value": "why"}, {"from": "gpt", "value": "keys and values " * 3},
+        {"from": "human", "value": "tell me more"}]}]
+    turns = list(sharegpt.conversation_turns(records, max_turns=None))
+    assert [(pid, reply) for pid, _, _, reply in turns] == [
+        ("r", "a tree map"), ("r#2", "keys and values keys and values keys and values"),
+        ("r#3", None)]
+    kwargs = dict(max_prompt_tokens=32, max_answer_tokens=6, target_name="tiny")
+    stats = self_distill.write_conversation_answers(tiny_target, turns, tmp_path, **kwargs)
+    assert (stats.written, stats.finished, stats.requested) == (2, 1, 2)
+    got = {r["id"]: r for r in self_distill.iter_records(tmp_path)}
+    first = got["r"]
+    assert first["prompt_tokens"] == tiny_target.chat_prompt(["what is jax"])
+    assert first["answer_tokens"] == [10, 11, 12, 2] and first["finished"]  # "a tree map" EOS
+    assert len(got["r#2"]["answer_tokens"]) == 6 and not got["r#2"]["finished"]
+    assert self_distill.read_meta(tmp_path)["config_name"] == "tiny-conversation"
+    again = self_distill.write_conversation_answers(tiny_target, turns, tmp_path, **kwargs)
+    assert (again.written, again.already_done) == (0, 2)
+
+
 def test_training_source_mixes_jsonl_dirs(tmp_path, tiny_target):
     import ml_collections
     from psjax.training import experiment

@@ -10,6 +10,10 @@ it generated (the EOS token included when it stopped on one: `finished`). `out_d
 records the target, the decoding settings and eos ids; a re-run with other settings refuses to
 mix them into the same directory.
 
+`write_conversation_answers` writes the same records with the conversation's own replies as
+answers (raw ShareGPT conversations: no decoding, only the tokenizer); training reads either,
+or both mixed, and takes its targets from the target model either way.
+
 Resumable: ids already in `out_dir` are skipped, so re-running the same command after an
 interrupt continues where it stopped (shards are flushed after every batch; a line cut by a kill
 is dropped on resume). psjax.data.builders.SelfDistilled turns the directory into a TFDS dataset.
@@ -37,8 +41,11 @@ META = "meta.json"
 SHARD_GLOB = "shard-*.jsonl"
 
 
-def decoding_mode(sampling: Sampling) -> str:
-    """`greedy`, or e.g. `t0.7-p0.9` / `t1-k50`: part of the TFDS config name."""
+def decoding_mode(sampling: Sampling | None) -> str:
+    """`greedy`, or e.g. `t0.7-p0.9` / `t1-k50`, or `conversation` (None: the conversations'
+    own replies): part of the TFDS config name."""
+    if sampling is None:
+        return "conversation"
     if sampling.greedy:
         return "greedy"
     mode = f"t{sampling.temperature:g}"
@@ -49,7 +56,7 @@ def decoding_mode(sampling: Sampling) -> str:
     return mode
 
 
-def config_name(target_name: str, sampling: Sampling) -> str:
+def config_name(target_name: str, sampling: Sampling | None) -> str:
     """TFDS config name `<target>-<mode>`, e.g. `smollm2-135m-instruct-greedy` (a directory
     path counts by its last component)."""
     base = os.path.basename(os.path.normpath(target_name)) if target_name else "target"
@@ -266,3 +273,52 @@ def as_arrays(record: dict) -> dict:
     return {"id": record["id"], "tokens": np.asarray(prompt + answer, np.int32),
             "prompt_length": np.int32(len(prompt)), "answer_length": np.int32(len(answer)),
             "finished": bool(record["finished"])}
+
+
+def write_conversation_answers(target, turns, out_dir: str | os.PathLike, *,
+                               max_prompt_tokens: int = 1024, max_answer_tokens: int = 512,
+                               shard_size: int = 1000, target_name: str = "") -> Stats:
+    """Writes `turns` ((id, user turns, assistant turns before, reply), as
+    psjax.data.sharegpt.conversation_turns gives them) as records whose answer is the reply,
+    templated as the target's chat template renders an assistant turn and cut after its first
+    end-of-turn (EOS) token: `finished` unless cut at `max_answer_tokens`. Turns without a
+    reply, and prompts over `max_prompt_tokens`, are skipped; ids already in `out_dir` too."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    eos_ids = tuple(sorted(int(i) for i in target.eos_ids))
+    _check_meta(out_dir, {
+        "target": target_name, "config_name": config_name(target_name, None),
+        "sampling": None, "answers": "conversation", "max_new_tokens": max_answer_tokens,
+        "max_prompt_tokens": max_prompt_tokens, "eos_ids": list(eos_ids), "seed": None})
+    stats = Stats()
+    done = {r["id"] for r in iter_records(out_dir, repair=True)}
+    writer, start = _ShardWriter(out_dir, shard_size), time.perf_counter()
+    for pid, users, assistants, reply in turns:
+        if reply is None:
+            continue
+        stats.requested += 1
+        if pid in done:
+            stats.already_done += 1
+            continue
+        prompt = target.chat_prompt(users, assistants)
+        if len(prompt) > max_prompt_tokens:
+            stats.too_long += 1
+            continue
+        full = target.chat_prompt(users, list(assistants) + [reply], add_generation_prompt=False)
+        if full[:len(prompt)] != prompt:
+            raise ValueError(f"{target_name or 'the target'}'s chat template renders the prompt "
+                             f"of {pid!r} differently once a reply follows; it cannot be split "
+                             "into prompt and answer tokens")
+        answer = full[len(prompt):]
+        end = next((i + 1 for i, t in enumerate(answer) if t in eos_ids), len(answer))
+        finished = end <= max_answer_tokens and answer[end - 1] in eos_ids
+        answer = answer[:min(end, max_answer_tokens)]
+        writer.write([{"id": pid, "prompt": users[-1], "prompt_tokens": prompt,
+                       "answer_tokens": answer, "finished": finished, "answer": reply}])
+        stats.written += 1
+        stats.finished += finished
+        stats.prompt_tokens += len(prompt)
+        stats.answer_tokens += len(answer)
+    writer.close()
+    stats.seconds = time.perf_counter() - start
+    return stats

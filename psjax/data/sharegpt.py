@@ -197,6 +197,19 @@ def conversation_prompts(conversations: Iterable[dict] | str | os.PathLike | Non
     `min_chars` or longer than `max_chars` (None: no limit). With `dedupe`, an exact repeat of
     an earlier prompt (history included) is skipped. `conversations` may be records, a path,
     or None (= `fetch()`); pass a PromptStats to get the counts (of first turns)."""
+    for pid, users, assistants, _ in conversation_turns(
+            conversations, max_turns=max_turns, max_chars=max_chars, min_chars=min_chars,
+            dedupe=dedupe, stats=stats):
+        yield pid, users, assistants
+
+
+def conversation_turns(conversations: Iterable[dict] | str | os.PathLike | None = None, *,
+                       max_turns: int | None = 1, max_chars: int = 4000, min_chars: int = 1,
+                       dedupe: bool = True, stats: PromptStats | None = None
+                       ) -> Iterator[tuple[str, list[str], list[str], str | None]]:
+    """conversation_prompts' prompts with the conversation's own reply to each: (id, user turns,
+    assistant turns before, reply), the reply None where the conversation has none (it ends, or
+    the reply breaks a rule above). The replies are the raw-conversation training data."""
     if conversations is None or isinstance(conversations, (str, os.PathLike)):
         conversations = iter_conversations(conversations)
     stats = PromptStats() if stats is None else stats
@@ -209,7 +222,7 @@ def conversation_prompts(conversations: Iterable[dict] | str | os.PathLike | Non
         if not turns or turns[0].get("from") not in USER_ROLES:
             stats.not_user_first += 1
             continue
-        users, assistants = [], []
+        users, assistants, pending = [], [], None  # pending: a prompt waiting for its reply
         for i, turn in enumerate(turns):
             if max_turns is not None and len(users) == max_turns and i % 2 == 0:
                 break
@@ -224,6 +237,9 @@ def conversation_prompts(conversations: Iterable[dict] | str | os.PathLike | Non
                 break
             if i % 2:
                 assistants.append(text)
+                if pending is not None:
+                    yield *pending, text
+                    pending = None
                 continue
             users.append(text)
             if dedupe:
@@ -236,7 +252,9 @@ def conversation_prompts(conversations: Iterable[dict] | str | os.PathLike | Non
             if len(users) == 1:
                 stats.kept += 1
             pid = str(record["id"]) if len(users) == 1 else f"{record['id']}#{len(users)}"
-            yield pid, list(users), list(assistants)
+            pending = (pid, list(users), list(assistants))
+        if pending is not None:
+            yield *pending, None
 
 
 def first_user_turns(conversations: Iterable[dict] | str | os.PathLike | None = None, *,

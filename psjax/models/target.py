@@ -39,15 +39,17 @@ class Target:
                 ids.add(token_id)
         return tuple(sorted(i for i in ids if i is not None))
 
-    def chat_prompt(self, user_turns: list[str], assistant_turns: list[str] = ()) -> list[int]:
-        """Token ids of a conversation through the model's chat template, ready for a reply."""
+    def chat_prompt(self, user_turns: list[str], assistant_turns: list[str] = (),
+                    add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation through the model's chat template, ready for a reply
+        (or, with add_generation_prompt=False, ending with the last assistant turn)."""
         messages = []
         for i, turn in enumerate(user_turns):
             messages.append({"role": "user", "content": turn})
             if i < len(assistant_turns):
                 messages.append({"role": "assistant", "content": assistant_turns[i]})
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True)
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True,
+                                                 add_generation_prompt=add_generation_prompt)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
