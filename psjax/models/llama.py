@@ -92,6 +92,38 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
+# Query blocks up to this long (decode and verify steps) attend by multiply-and-sum; see attend.
+FEW_QUERIES = 64
+
+
+def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+           dtype) -> jax.Array:
+    """Softmax attention of q [B, T, K, G, H] over keys, values [B, S, K, H] where mask [B, T, S]
+    allows; returns [B, T, K, G, H] in `dtype`. Scores and sums accumulate in float32.
+
+    For a few queries against a long cache the products are written as multiply-and-sum, which
+    XLA fuses into one reduction per product whatever the cache size. Written as matmuls, they
+    stay fused only while small (XLA's GPU compiler rewrites a dot under 10^6 multiply-adds as a
+    reduction); past that (a cache of ~1,100 slots for Qwen2.5-0.5B) each becomes a batched GEMM
+    of 7 rows with transposes around it."""
+    h = q.shape[-1]
+    few = q.shape[1] <= FEW_QUERIES
+    if few:
+        q32 = jnp.moveaxis(q, 1, 3).astype(jnp.float32)  # [B, K, G, T, H]
+        k32 = jnp.moveaxis(keys, 1, 2).astype(jnp.float32)  # [B, K, S, H]
+        scores = jnp.sum(q32[:, :, :, :, None, :] * k32[:, :, None, None, :, :], axis=-1)
+    else:
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores * h ** -0.5,
+                       jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
+    if not few:
+        return jnp.einsum("bkgts,bskh->btkgh", probs, values)
+    v32 = jnp.moveaxis(values, 1, 2).astype(jnp.float32)  # [B, K, S, H]
+    out = jnp.sum(probs.astype(jnp.float32)[..., None] * v32[:, :, None, None, :, :], axis=4)
+    return jnp.moveaxis(out, 3, 1).astype(dtype)
+
+
 class Attention(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype
@@ -119,11 +151,7 @@ class Attention(nn.Module):
             new_kv = (keys, values)
 
         q = q.reshape(b, t, k_heads, n // k_heads, h)  # [B, T, K, G, H]
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys.astype(q.dtype),
-                            preferred_element_type=jnp.float32) * (h ** -0.5)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, values.astype(self.dtype))
+        out = attend(q, keys.astype(q.dtype), values.astype(self.dtype), mask, self.dtype)
         out = out.reshape(b, t, n * h)
         out = _dense(c.hidden_size, ("heads", "embed"), "o_proj", dtype=self.dtype,
                      param_dtype=self.param_dtype)(out)
