@@ -302,6 +302,9 @@ def test_conversation_answers(tmp_path, tiny_target):
     assert self_distill.read_meta(tmp_path)["config_name"] == "tiny-conversation"
     again = self_distill.write_conversation_answers(tiny_target, turns, tmp_path, **kwargs)
     assert (again.written, again.already_done) == (0, 2)
+    with pytest.raises(ValueError, match="tokenizer"):
+        self_distill.write_conversation_answers(
+            Target(tiny_target.module, tiny_target.params, None), turns, tmp_path, **kwargs)
 
 
 def test_training_source_mixes_jsonl_dirs(tmp_path, tiny_target):

@@ -283,6 +283,9 @@ def write_conversation_answers(target, turns, out_dir: str | os.PathLike, *,
     templated as the target's chat template renders an assistant turn and cut after its first
     end-of-turn (EOS) token: `finished` unless cut at `max_answer_tokens`. Turns without a
     reply, and prompts over `max_prompt_tokens`, are skipped; ids already in `out_dir` too."""
+    if target.tokenizer is None:
+        raise ValueError("conversation answers are templated with the target's tokenizer: load "
+                         "the target with its tokenizer (an HF directory or a registry name)")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     eos_ids = tuple(sorted(int(i) for i in target.eos_ids))
