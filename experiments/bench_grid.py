@@ -33,6 +33,7 @@ from psjax.bench import hf_baselines, specbench
 from psjax.bench.timing import card
 from psjax.data import spec_bench
 from psjax.decoding.sampling import Sampling
+from psjax.decoding.tree import Tree
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,7 +47,8 @@ flags.DEFINE_string("temperatures", "0,1", "comma list; 0 = greedy")
 flags.DEFINE_integer("max_new_tokens", 256, "new tokens per row at most (EOS stops a row)")
 flags.DEFINE_string("questions", os.path.join(_REPO, "..", "shared", "data", "spec_bench",
                                               "question.jsonl"), "Spec-Bench question.jsonl")
-flags.DEFINE_string("ps_tree", "4,2,2,1", "parallelspec_tree: branching per depth")
+flags.DEFINE_string("ps_tree", "4,2,2,1", "parallelspec_tree: branching per depth, or "
+                    "FILE.json:N (experiments/design_tree.py's tree of N nodes)")
 flags.DEFINE_integer("pld_k", 10, "pld: chain length")
 flags.DEFINE_string("out", "", "JSON file for the results")
 
@@ -102,7 +104,7 @@ def main(argv):
         opts = specbench.Options(
             max_new_tokens=FLAGS.max_new_tokens, dtype=FLAGS.dtype,
             sampling=Sampling(temperature), pld_k=FLAGS.pld_k,
-            ps_tree=tuple(int(b) for b in FLAGS.ps_tree.split(",")),
+            ps_tree=Tree.parse(FLAGS.ps_tree),
             drafter_dir=FLAGS.drafter or None)
         try:
             methods, _ = specbench.make_methods(names, target, hf_dir, opts)

@@ -8,7 +8,7 @@ Methods (`--methods`, comma list, run in this order after `ar`, which always run
   parallelspec       psjax ParallelSpec (--drafter), a chain of --ps_k (0: the drafter's k)
   parallelspec_kN    psjax ParallelSpec, a chain of N drafts (N <= the drafter's k + 1): several
                      chain lengths side by side from one drafter
-  parallelspec_tree  psjax ParallelSpec with the static tree of branching --ps_tree
+  parallelspec_tree  psjax ParallelSpec with the static tree --ps_tree (branching, or designed)
   hf_generate        transformers greedy generate (dynamic cache, eager)
   hf_static_compiled transformers with a static cache and the compiled decode step
   hf_pld             transformers prompt lookup (prompt_lookup_num_tokens=--hf_pld_k)
@@ -57,6 +57,7 @@ from psjax.bench import hf_baselines, specbench  # noqa: E402
 from psjax.bench.timing import card  # noqa: E402
 from psjax.data import spec_bench  # noqa: E402
 from psjax.decoding.sampling import Sampling  # noqa: E402
+from psjax.decoding.tree import Tree  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,7 +85,8 @@ flags.DEFINE_string("drafter", "", "ParallelSpec drafter directory (save_drafter
                     "`random` for a random-weight one (smoke tests)")
 flags.DEFINE_integer("ps_k", 0, "parallelspec: chain length; 0 = all the drafter's drafts "
                      "(k masks + 1)")
-flags.DEFINE_string("ps_tree", "4,2,2,1", "parallelspec_tree: branching per depth")
+flags.DEFINE_string("ps_tree", "4,2,2,1", "parallelspec_tree: branching per depth, or "
+                    "FILE.json:N (experiments/design_tree.py's tree of N nodes)")
 flags.DEFINE_list("prompt_width", [], "psjax: pad every prompt to this width (one compilation "
                   "per method; prefill pays for the padding), or to the smallest of several "
                   "(e.g. 512,2048: one compilation each); empty = powers of two")
@@ -130,7 +132,7 @@ def main(argv):
     opts = specbench.Options(
         max_new_tokens=FLAGS.max_new_tokens, dtype=FLAGS.dtype, sampling=sampling,
         pld_k=FLAGS.pld_k, pld_tree_width=FLAGS.pld_tree_width, sps_k=FLAGS.sps_k,
-        ps_k=FLAGS.ps_k, ps_tree=tuple(int(b) for b in FLAGS.ps_tree.split(",")),
+        ps_k=FLAGS.ps_k, ps_tree=Tree.parse(FLAGS.ps_tree),
         hf_pld_k=FLAGS.hf_pld_k,
         draft_dir=hf_baselines.resolve_model(FLAGS.draft) if FLAGS.draft else None,
         drafter_dir=drafter_dir or None,

@@ -15,6 +15,7 @@ from psjax.bench import specbench
 from psjax.convert import hf
 from psjax.convert.drafter_hf import save_drafter
 from psjax.data.spec_bench import CATEGORIES, MT_BENCH
+from psjax.decoding.tree import Tree
 from psjax.drafters import parallelspec
 from psjax.models.llama import Transformer
 from psjax.models.target import Target
@@ -75,7 +76,7 @@ def run(tmp_path_factory):
     save_drafter(drafter_dir, ps_config, parallelspec.init_params(drafter, jax.random.PRNGKey(0)),
                  target_name="tiny")
     opts = specbench.Options(max_new_tokens=N_NEW, dtype="float32", pld_k=3, pld_tree_width=2,
-                             drafter_dir=drafter_dir, ps_tree=(2, 1, 1))
+                             drafter_dir=drafter_dir, ps_tree=Tree.from_branching((2, 1, 1)))
     methods, skipped = specbench.make_methods(
         ["ar"] + SPECULATIVE, target, path, opts)
     assert not skipped

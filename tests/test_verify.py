@@ -1,5 +1,7 @@
 """Acceptance rules on hand-written logits, with exact expected outputs."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +126,30 @@ def test_tree_structure():
     assert tree.width == 2 and tree.max_depth == 3 and not tree.is_chain
     assert tree.attention[6].tolist() == [True, True, False, True, False, False, True]
     assert Tree.chain(3).is_chain
+
+
+def test_tree_design_from_ranks():
+    """tau of a tree on measured ranks, and the best tree of a size: hand-counted."""
+    ranks = np.array([[0, 0, 0],    # a chain of 3 accepts all
+                      [0, 1, -1],   # second candidate at depth 2, nothing at depth 3
+                      [1, 0, 0],
+                      [0, 1, 0],
+                      [-1, 0, 0]])  # the first draft misses: nothing past it counts
+    assert Tree.chain(3).accepted_per_step(ranks) == 1 + (3 + 1 + 0 + 1 + 0) / 5
+    assert Tree.from_branching((2, 2)).accepted_per_step(ranks) == 1 + (2 + 2 + 2 + 2 + 0) / 5
+    # Path counts: (0,) 3, (0,1) 2, (1,) 1, (0,0) 1, (1,0) 1, (0,0,0) 1, (0,1,0) 1, (1,0,0) 1.
+    tree = Tree.design(ranks, num_nodes=3)
+    assert tree.paths == ((0,), (1,), (0, 1))
+    assert tree.accepted_per_step(ranks) == 1 + (1 + 2 + 1 + 2 + 0) / 5
+    assert Tree.design(ranks, num_nodes=100).accepted_per_step(ranks) == 1 + 11 / 5
+    with pytest.raises(ValueError, match="no row"):
+        Tree.design(-np.ones((2, 3), int), num_nodes=4)
+
+
+def test_tree_parse(tmp_path):
+    assert Tree.parse("2,1") == Tree.from_branching((2, 1))
+    path = tmp_path / "tree.json"
+    path.write_text(json.dumps({"designed": {"3": [[0], [1], [0, 1]]}}))
+    assert Tree.parse(f"{path}:3").paths == ((0,), (1,), (0, 1))
+    with pytest.raises(ValueError, match="not 5"):
+        Tree.parse(f"{path}:5")

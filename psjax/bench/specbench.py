@@ -205,7 +205,7 @@ class Options:
     pld_tree_width: int = 3  # pld_tree: chains side by side
     sps_k: int = 4
     ps_k: int = 0  # parallelspec chain length; 0 = all the drafter's drafts (k masks + 1)
-    ps_tree: tuple[int, ...] = (4, 2, 2, 1)  # parallelspec_tree branching
+    ps_tree: Tree = Tree.from_branching((4, 2, 2, 1))  # parallelspec_tree's tree
     hf_pld_k: int = 10  # transformers' prompt_lookup_num_tokens
     draft_dir: str | None = None  # draft model (sps, hf_assisted): an HF directory
     drafter_dir: str | None = None  # trained ParallelSpec drafter directory
@@ -262,7 +262,7 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
             elif chain:
                 tree = Tree.chain(int(chain.group(1)))
             else:
-                tree = Tree.from_branching(opts.ps_tree)
+                tree = opts.ps_tree
             methods.append(PsjaxMethod(name, target.module, target.params, drafter=drafter[0],
                                        drafter_params=drafter[1], tree=tree, **psjax_kw))
         else:

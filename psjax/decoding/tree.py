@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import json
 from typing import Sequence
 
 import numpy as np
@@ -67,6 +68,63 @@ class Tree:
             parents.append(index[path[:-1]])
             ranks.append(path[-1])
         return cls(tuple(parents), tuple(ranks))
+
+    @classmethod
+    def parse(cls, spec: str) -> "Tree":
+        """A command-line tree: branching per depth ("4,2,2,1"), or "FILE.json:N", the
+        designed tree of N nodes in a file experiments/design_tree.py wrote."""
+        if ":" not in spec:
+            return cls.from_branching([int(b) for b in spec.split(",")])
+        path, size = spec.rsplit(":", 1)
+        with open(path) as f:
+            designed = json.load(f)["designed"]
+        if size not in designed:
+            raise ValueError(f"{path} holds designed trees of {sorted(designed, key=int)} "
+                             f"nodes, not {size}")
+        return cls.from_paths(designed[size])
+
+    @classmethod
+    def design(cls, ranks: np.ndarray, num_nodes: int) -> "Tree":
+        """The tree of at most `num_nodes` nodes that accepts the most drafts on `ranks` (see
+        `accepted_per_step`), for a drafter whose candidates at a depth do not depend on the
+        path above (ParallelSpec, Medusa). A path is accepted on a row iff the row's ranks
+        start with it, so a tree accepts the sum of its paths' counts; a path never counts more
+        than its parent, so the `num_nodes` most-counted paths (shorter first on ties) form a
+        tree, and the best one (Medusa's sparse-tree construction, exact on these rows).
+        Paths no row reaches are left out."""
+        counts = {}
+        for row in np.asarray(ranks):
+            for depth in range(len(row)):
+                if row[depth] < 0:
+                    break
+                path = tuple(int(r) for r in row[:depth + 1])
+                counts[path] = counts.get(path, 0) + 1
+        best = sorted(counts, key=lambda p: (-counts[p], len(p), p))[:num_nodes]
+        if not best:
+            raise ValueError("no row accepts even one draft: nothing to build a tree from")
+        return cls.from_paths(best)
+
+    @functools.cached_property
+    def paths(self) -> tuple[tuple[int, ...], ...]:
+        """Each node's path of candidate ranks from the root (from_paths' input)."""
+        out = [()]
+        for p, r in zip(self.parents, self.ranks):
+            out.append(out[p] + (r,))
+        return tuple(out[1:])
+
+    def accepted_per_step(self, ranks: np.ndarray) -> float:
+        """tau (drafts accepted + the bonus token) this tree gets on `ranks` [N, D]: for N
+        drafting positions, the rank among the drafter's candidates of the target's greedy
+        token at each depth (-1: not a candidate, or past the end of the text). A row accepts
+        the longest start of its ranks that is a path of the tree."""
+        paths = set(self.paths)
+        total = 0
+        for row in np.asarray(ranks):
+            depth = 0
+            while depth < len(row) and tuple(int(r) for r in row[:depth + 1]) in paths:
+                depth += 1
+            total += depth
+        return 1.0 + total / max(len(ranks), 1)
 
     # --- derived static arrays ---------------------------------------------------------------
 

@@ -1,0 +1,141 @@
+"""A draft tree fitted to a ParallelSpec drafter (Medusa's sparse-tree construction), and the tau
+every tree would get, measured without decoding speculatively.
+
+For each Spec-Bench question the target answers greedily (psjax autoregressive decoding); then
+one group-wise pass of the drafter over the text (`ParallelSpec.training_logits`, equal to
+drafting after each position: tested) gives, at every answer position and depth, the rank of
+the target's next token among the drafter's top --width candidates. A tree's tau on those
+ranks is exact for greedy decoding (`Tree.accepted_per_step`), and `Tree.design` picks the best
+tree of each size. Trees are designed on the questions after the first --per_category of each
+category and measured on the first --per_category (the ones eval_specbench --limit runs), so
+the designed trees are not measured on the text they were fitted to.
+
+    PYTHONPATH=. python experiments/design_tree.py --target smollm2-135m-instruct \\
+        --drafter assets/drafters/smollm2-135m-instruct-parallelspec --out /tmp/tree.json
+
+`eval_specbench.py --ps_tree /tmp/tree.json:32` then runs the designed tree of 32 nodes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import psjax
+from psjax.data import spec_bench
+from psjax.decoding import autoregressive
+from psjax.decoding.tree import Tree
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("target", "smollm2-135m-instruct", "registry name or HF directory")
+flags.DEFINE_string("drafter", os.path.join(_REPO, "assets", "drafters",
+                                            "smollm2-135m-instruct-parallelspec"),
+                    "ParallelSpec drafter directory")
+flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "weights and compute dtype")
+flags.DEFINE_string("questions", os.path.join(_REPO, "..", "shared", "data", "spec_bench",
+                                              "question.jsonl"), "Spec-Bench question.jsonl")
+flags.DEFINE_integer("per_category", 3, "questions per category measured on (and as many more "
+                     "designed on)")
+flags.DEFINE_integer("max_prompt_tokens", 1024, "skip first turns longer than this")
+flags.DEFINE_integer("max_new_tokens", 128, "greedy answer length")
+flags.DEFINE_integer("batch_size", 4, "answers generated together")
+flags.DEFINE_integer("width", 8, "candidates ranked per depth")
+flags.DEFINE_list("num_nodes", ["8", "16", "32", "44", "64"], "designed tree sizes")
+flags.DEFINE_multi_string("branching", ["4,2,2,1"], "a branching tree to compare (repeat "
+                          "the flag for more)")
+flags.DEFINE_string("out", "", "JSON file: the designed trees' paths and every tau")
+
+
+def answers(target, questions) -> list[tuple[list[int], int]]:
+    """(prompt + greedy answer token ids, prompt length) per question that fits."""
+    prompts = [target.chat_prompt(q["turns"][:1]) for q in questions]
+    prompts = [p for p in prompts if len(p) <= FLAGS.max_prompt_tokens]
+    out = []
+    for i in range(0, len(prompts), FLAGS.batch_size):
+        batch = prompts[i:i + FLAGS.batch_size]
+        gen = autoregressive.generate(target.module, target.params, batch,
+                                      max_new_tokens=FLAGS.max_new_tokens,
+                                      eos_ids=target.eos_ids)
+        out += [(p + s, len(p)) for p, s in zip(batch, gen.sequences())]
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("target_module", "drafter", "width"))
+def _candidates(target_params, drafter_params, tokens, anchors, *, target_module, drafter,
+                width):
+    """The drafter's top-`width` candidates [G, D, W] after each anchor of one text [1, L]."""
+    hidden = target_module.apply({"params": target_params}, tokens,
+                                 jnp.arange(tokens.shape[1])[None], compute_logits=False).hidden
+    logits = drafter.training_logits(drafter_params, target_params, tokens, hidden, anchors,
+                                     jnp.full((1,), tokens.shape[1]))  # [1, G, D, V]
+    return jax.lax.top_k(logits[0], width)[1]
+
+
+def draft_ranks(target, drafter, dparams, texts) -> np.ndarray:
+    """[N, D]: at each answer position, the rank of the target's token at each depth among the
+    drafter's candidates (-1: not among the top --width, or past the end)."""
+    depth = drafter.config.draft_length
+    rows = []
+    for tokens, prompt_length in texts:
+        anchors = np.arange(prompt_length - 1, len(tokens) - 1)
+        cands = np.asarray(_candidates(target.params, dparams, jnp.asarray([tokens]),
+                                       jnp.asarray(anchors[None]), target_module=target.module,
+                                       drafter=drafter, width=FLAGS.width))
+        for g, anchor in enumerate(anchors):
+            row = -np.ones(depth, np.int64)
+            for d in range(depth):
+                if anchor + d + 1 >= len(tokens):
+                    break
+                hit = np.nonzero(cands[g, d] == tokens[anchor + d + 1])[0]
+                if not len(hit):
+                    break
+                row[d] = hit[0]
+            rows.append(row)
+    return np.stack(rows)
+
+
+def main(argv):
+    del argv
+    target = psjax.load_target(FLAGS.target, FLAGS.dtype)
+    drafter, dparams = psjax.load_drafter(FLAGS.drafter, target, FLAGS.dtype)
+    both = spec_bench.load_questions(FLAGS.questions, 2 * FLAGS.per_category)
+    seen = {}
+    measure, design = [], []
+    for q in both:  # by question id within each category: the first half is measured on
+        seen[q["category"]] = seen.get(q["category"], 0) + 1
+        (measure if seen[q["category"]] <= FLAGS.per_category else design).append(q)
+    ranks = {name: draft_ranks(target, drafter, dparams, answers(target, qs))
+             for name, qs in (("measure", measure), ("design", design))}
+    depth = drafter.config.draft_length
+    trees = {f"chain {k}": Tree.chain(k) for k in (1, 2, 4, depth)}
+    trees.update({f"branching {b}": Tree.from_branching([int(x) for x in b.split(",")])
+                  for b in FLAGS.branching})
+    designed = {int(n): Tree.design(ranks["design"], int(n)) for n in FLAGS.num_nodes}
+    trees.update({f"designed {n}": t for n, t in designed.items()})
+    results = {"target": FLAGS.target, "drafter": FLAGS.drafter, "dtype": FLAGS.dtype,
+               "command": " ".join(sys.argv), "positions": {k: len(v) for k, v in ranks.items()},
+               "tau": {}, "designed": {n: [list(p) for p in t.paths]
+                                       for n, t in designed.items()}}
+    print(f"drafting positions: {results['positions']}")
+    print("| tree | nodes | tau (measured questions) | tau (design questions) |")
+    print("| --- | --- | --- | --- |")
+    for name, tree in trees.items():
+        taus = [tree.accepted_per_step(ranks[s]) for s in ("measure", "design")]
+        results["tau"][name] = {"nodes": tree.num_nodes, "measure": taus[0], "design": taus[1]}
+        print(f"| {name} | {tree.num_nodes} | {taus[0]:.3f} | {taus[1]:.3f} |")
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
