@@ -31,8 +31,9 @@ def _dense(features, axes, name, use_bias=False, dtype=jnp.float32, param_dtype=
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
-def _project(module: nn.Module, x, names, features, axes, use_bias=False):
-    """x through the Dense layers `names` (HF names and nn.Dense parameters), in order.
+def _project(module: nn.Module, x, names, features, axes, use_bias=False, out_dtype=None):
+    """x through the Dense layers `names` (HF names and nn.Dense parameters), in order, each
+    output in `out_dtype` (default the module's dtype; products accumulate in float32 either way).
 
     With `module.fused`, one matmul against their kernels concatenated along the output axis,
     split afterwards: in a decode step each projection of a small model is a latency-bound
@@ -41,13 +42,19 @@ def _project(module: nn.Module, x, names, features, axes, use_bias=False):
     loop-invariant weights out of the loop."""
     dense = [_dense(f, a, n, use_bias=use_bias, dtype=module.dtype,
                     param_dtype=module.param_dtype) for n, f, a in zip(names, features, axes)]
-    if not module.fused or module.is_initializing():
+    if module.is_initializing():
         return [d(x) for d in dense]
     params = nn.meta.unbox(module.variables["params"])
-    kernel = jnp.concatenate([params[n]["kernel"] for n in names], axis=1)
-    y = jnp.einsum("...d,df->...f", x.astype(module.dtype), kernel.astype(module.dtype))
-    if use_bias:
-        y = y + jnp.concatenate([params[n]["bias"] for n in names]).astype(module.dtype)
+    groups = [names] if module.fused else [[n] for n in names]
+    out = []
+    for group in groups:
+        kernel = jnp.concatenate([params[n]["kernel"] for n in group], axis=1)
+        y = jnp.einsum("...d,df->...f", x.astype(module.dtype), kernel.astype(module.dtype),
+                       preferred_element_type=out_dtype or module.dtype)
+        if use_bias:
+            y = y + jnp.concatenate([params[n]["bias"] for n in group]).astype(y.dtype)
+        out.append(y)
+    y = jnp.concatenate(out, axis=-1) if len(out) > 1 else out[0]
     return jnp.split(y, list(itertools.accumulate(features))[:-1], axis=-1)
 
 
@@ -113,14 +120,15 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
         k32 = jnp.moveaxis(keys, 1, 2).astype(jnp.float32)  # [B, K, S, H]
         scores = jnp.sum(q32[:, :, :, :, None, :] * k32[:, :, None, None, :, :], axis=-1)
     else:
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(keys.dtype), keys,
+                            preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores * h ** -0.5,
                        jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [B, K, G, T, S]
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, S]
     if not few:
-        return jnp.einsum("bkgts,bskh->btkgh", probs, values)
+        return jnp.einsum("bkgts,bskh->btkgh", probs.astype(dtype), values)
     v32 = jnp.moveaxis(values, 1, 2).astype(jnp.float32)  # [B, K, S, H]
-    out = jnp.sum(probs.astype(jnp.float32)[..., None] * v32[:, :, None, None, :, :], axis=4)
+    out = jnp.sum(probs[..., None] * v32[:, :, None, None, :, :], axis=4)
     return jnp.moveaxis(out, 3, 1).astype(dtype)
 
 
@@ -136,12 +144,14 @@ class Attention(nn.Module):
         c = self.config
         b, t, _ = x.shape
         n, k_heads, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q, k, v = _project(self, x, ("q_proj", "k_proj", "v_proj"), (n * h, k_heads * h, k_heads * h),
+        q, k, v = _project(self, x, ("q_proj", "k_proj", "v_proj"),
+                           (n * h, k_heads * h, k_heads * h),
                            (("embed", "heads"), ("embed", "kv_heads"), ("embed", "kv_heads")),
-                           use_bias=c.attention_bias)
+                           use_bias=c.attention_bias, out_dtype=jnp.float32)
         q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, k_heads, h), v.reshape(b, t, k_heads, h)
         inv_freq = rope_frequencies(c)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k, v = k.astype(self.dtype), v.astype(self.dtype)  # as the cache keeps them
 
         if cache_kv is None:
             keys, values, new_kv = k, v, None
@@ -151,10 +161,11 @@ class Attention(nn.Module):
             new_kv = (keys, values)
 
         q = q.reshape(b, t, k_heads, n // k_heads, h)  # [B, T, K, G, H]
-        out = attend(q, keys.astype(q.dtype), values.astype(self.dtype), mask, self.dtype)
+        out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), mask, self.dtype)
         out = out.reshape(b, t, n * h)
-        out = _dense(c.hidden_size, ("heads", "embed"), "o_proj", dtype=self.dtype,
-                     param_dtype=self.param_dtype)(out)
+        # Into the float32 residual stream (DecoderLayer) without a bfloat16 rounding.
+        out, = _project(self, out, ("o_proj",), (c.hidden_size,), (("heads", "embed"),),
+                        out_dtype=jnp.float32)
         return out, new_kv
 
 
@@ -166,10 +177,12 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = self.config
         gate, up = _project(self, x, ("gate_proj", "up_proj"), (c.intermediate_size,) * 2,
-                            (("embed", "mlp"),) * 2)
-        return _dense(c.hidden_size, ("mlp", "embed"), "down_proj", **kw)(nn.silu(gate) * up)
+                            (("embed", "mlp"),) * 2, out_dtype=jnp.float32)
+        out, = _project(self, nn.silu(gate) * up, ("down_proj",), (c.hidden_size,),
+                        (("mlp", "embed"),), out_dtype=jnp.float32)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -180,7 +193,15 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_kv=None, starts=None):
+        """The residual stream stays in float32 whatever the compute dtype, and every projection
+        returns float32 (matmul inputs are rounded to the compute dtype, outputs are not). In
+        bfloat16, rounding the outputs and the 2L residual sums (as HF does) is most of the
+        noise that makes a verify pass over T tokens and a one-token step part at clear float32
+        choices (issue 3's mismatches): keeping them in float32 halved the logit difference of
+        the two on the CPU and the divergences on Spec-Bench on an H100 (README), at no cost to
+        a decode step."""
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = x.astype(jnp.float32)
         attn_out, new_kv = Attention(c, name="self_attn", fused=self.fused, **kw)(
             RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), positions, mask,
             cache_kv, starts)
@@ -259,7 +280,8 @@ class Transformer(nn.Module):
             mask = block_mask
         else:
             mask = kv_cache.attention_mask(cache.lengths, block_mask, cache.max_length)
-        x = nn.with_logical_constraint(self.embed(tokens), ("batch", "length", "act_embed"))
+        x = nn.with_logical_constraint(self.embed(tokens).astype(jnp.float32),
+                                       ("batch", "length", "act_embed"))
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             layer_kv = None if cache is None else (cache.k[i], cache.v[i])
