@@ -1,6 +1,8 @@
 """A decode step's time against the cache size, with attention written as multiply-and-sum (psjax's
-default for up to `llama.FEW_QUERIES` queries) and as matmuls (`--few_queries 0`): issue 2's
-"find where the time between kernels goes".
+default up to `llama.MULTIPLY_SUM_PAIRS` queries x cache slots) and as matmuls
+(`--multiply_sum_pairs 0`): issue 2's
+"find where the time between kernels goes". With --chains, also a speculative step verifying
+N + 1 queries (a prompt-lookup chain of N drafts: the verify cost, whatever is accepted).
 
 Random bfloat16 weights of a real shape (the cost of a step does not depend on the values),
 batch 1, a prompt of each --contexts length, 256 new tokens (so 768 and 2,304 cache slots for
@@ -23,13 +25,17 @@ import numpy as np
 
 from psjax.bench import limits
 from psjax.bench.timing import card
+from psjax.decoding.tree import Tree
+from psjax.drafters.prompt_lookup import PromptLookup
 from psjax.models import llama
 from psjax.models.target import random_target
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("shape", "qwen2.5-0.5b", f"one of {sorted(limits.SHAPES)}")
 flags.DEFINE_list("contexts", ["2048", "512"], "prompt lengths (tokens already in the cache)")
-flags.DEFINE_list("few_queries", ["64", "0"], "llama.FEW_QUERIES values to compare (0: matmuls)")
+flags.DEFINE_list("multiply_sum_pairs", ["1000000", "0"], "llama.MULTIPLY_SUM_PAIRS values to "
+                  "compare (0: matmuls; the recorded runs' few_queries 64 = 1000000 here)")
+flags.DEFINE_list("chains", ["0"], "draft chain lengths N; 0 = the autoregressive step")
 flags.DEFINE_integer("new_tokens", 256, "tokens generated per timed run")
 flags.DEFINE_string("out", "", "JSON file for the results (optional)")
 
@@ -38,17 +44,27 @@ def main(argv):
     del argv
     target = random_target(limits.shape_config(FLAGS.shape), dtype="bfloat16", fused=True)
     results = {"card": card(), "jax": jax.__version__, "shape": FLAGS.shape,
-               "new_tokens": FLAGS.new_tokens, "command": " ".join(sys.argv), "ar_ms": {}}
+               "new_tokens": FLAGS.new_tokens, "command": " ".join(sys.argv), "ar_ms": {},
+               "spec_ms": {}}
     for context in map(int, FLAGS.contexts):
         prompts = np.random.default_rng(0).integers(0, 1000, (1, context)).tolist()
         prefill = limits.prefill_seconds(target.module, target.params, prompts)
-        for few in map(int, FLAGS.few_queries):
-            llama.FEW_QUERIES = few
+        for pairs in map(int, FLAGS.multiply_sum_pairs):
+            llama.MULTIPLY_SUM_PAIRS = pairs
             jax.clear_caches()  # the module is unchanged: recompile under the new setting
-            ms = 1e3 * limits.ar_step_seconds(target.module, target.params, prompts,
-                                              new_tokens=FLAGS.new_tokens, prefill=prefill)
-            results["ar_ms"][f"context {context}, few_queries {few}"] = ms
-            print(f"context {context} few_queries {few}: AR step {ms:.3f} ms", flush=True)
+            for chain in map(int, FLAGS.chains):
+                if chain == 0:
+                    ms = 1e3 * limits.ar_step_seconds(target.module, target.params, prompts,
+                                                      new_tokens=FLAGS.new_tokens, prefill=prefill)
+                    results["ar_ms"][f"context {context}, multiply_sum_pairs {pairs}"] = ms
+                else:
+                    ms = 1e3 * limits.spec_step_seconds(
+                        target.module, target.params, prompts, PromptLookup(), None,
+                        Tree.chain(chain), new_tokens=FLAGS.new_tokens, prefill=prefill)
+                    key = f"context {context}, multiply_sum_pairs {pairs}, chain {chain}"
+                    results["spec_ms"][key] = ms
+                print(f"context {context} multiply_sum_pairs {pairs} chain {chain}: "
+                      f"step {ms:.3f} ms", flush=True)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -99,8 +99,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
-# Query blocks up to this long (decode and verify steps) attend by multiply-and-sum; see attend.
-FEW_QUERIES = 64
+# Attention of T queries over S cache slots runs as multiply-and-sum while T * S is at most this
+# (see attend). Measured on an H100, Qwen2.5-0.5B shapes (results/attention_h100/
+# attention_verify_qwen05b.json): multiply-and-sum is faster for T = 1 and 3 at 2,304 slots and up
+# to T = 17 at 768, matmuls for T = 11 and 17 at 2,304; the crossover is near 14k pairs.
+MULTIPLY_SUM_PAIRS = 14_336
 
 
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
@@ -112,9 +115,10 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
     XLA fuses into one reduction per product whatever the cache size. Written as matmuls, they
     stay fused only while small (XLA's GPU compiler rewrites a dot under 10^6 multiply-adds as a
     reduction); past that (a cache of ~1,100 slots for Qwen2.5-0.5B) each becomes a batched GEMM
-    of 7 rows with transposes around it."""
+    of 7 rows with transposes around it. But the reduction reads the keys and values once per
+    query, so it loses to the GEMM once queries x slots passes MULTIPLY_SUM_PAIRS."""
     h = q.shape[-1]
-    few = q.shape[1] <= FEW_QUERIES
+    few = q.shape[1] * keys.shape[1] <= MULTIPLY_SUM_PAIRS
     if few:
         q32 = jnp.moveaxis(q, 1, 3).astype(jnp.float32)  # [B, K, G, T, H]
         k32 = jnp.moveaxis(keys, 1, 2).astype(jnp.float32)  # [B, K, S, H]
