@@ -69,14 +69,26 @@ def answers(target, questions) -> list[tuple[list[int], int]]:
     return out
 
 
+# Texts and their anchors are padded to multiples of these, so that _candidates compiles once
+# per bucket instead of once per text (padding sits after the text: causal attention and
+# training_logits' `lengths` keep it out of sight).
+TOKEN_BUCKET, ANCHOR_BUCKET = 128, 64
+
+
+def _pad(values: np.ndarray, bucket: int) -> np.ndarray:
+    """values padded to a multiple of `bucket` by repeating the last one."""
+    return np.pad(values, (0, -len(values) % bucket), mode="edge")
+
+
 @functools.partial(jax.jit, static_argnames=("target_module", "drafter", "width"))
-def _candidates(target_params, drafter_params, tokens, anchors, *, target_module, drafter,
-                width):
-    """The drafter's top-`width` candidates [G, D, W] after each anchor of one text [1, L]."""
+def _candidates(target_params, drafter_params, tokens, anchors, length, *, target_module,
+                drafter, width):
+    """The drafter's top-`width` candidates [G, D, W] after each anchor of one text [1, L] whose
+    first `length` tokens are real."""
     hidden = target_module.apply({"params": target_params}, tokens,
                                  jnp.arange(tokens.shape[1])[None], compute_logits=False).hidden
     logits = drafter.training_logits(drafter_params, target_params, tokens, hidden, anchors,
-                                     jnp.full((1,), tokens.shape[1]))  # [1, G, D, V]
+                                     jnp.reshape(length, (1,)))  # [1, G, D, V]
     return jax.lax.top_k(logits[0], width)[1]
 
 
@@ -87,9 +99,10 @@ def draft_ranks(target, drafter, dparams, texts) -> np.ndarray:
     rows = []
     for tokens, prompt_length in texts:
         anchors = np.arange(prompt_length - 1, len(tokens) - 1)
-        cands = np.asarray(_candidates(target.params, dparams, jnp.asarray([tokens]),
-                                       jnp.asarray(anchors[None]), target_module=target.module,
-                                       drafter=drafter, width=FLAGS.width))
+        cands = np.asarray(_candidates(
+            target.params, dparams, jnp.asarray(_pad(np.asarray(tokens), TOKEN_BUCKET)[None]),
+            jnp.asarray(_pad(anchors, ANCHOR_BUCKET)[None]), len(tokens),
+            target_module=target.module, drafter=drafter, width=FLAGS.width))
         for g, anchor in enumerate(anchors):
             row = -np.ones(depth, np.int64)
             for d in range(depth):
