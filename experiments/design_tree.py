@@ -130,8 +130,7 @@ def main(argv):
              for name, qs in (("measure", measure), ("design", design))}
     depth = drafter.config.draft_length
     trees = {f"chain {k}": Tree.chain(k) for k in (1, 2, 4, depth)}
-    trees.update({f"branching {b}": Tree.from_branching([int(x) for x in b.split(",")])
-                  for b in FLAGS.branching})
+    trees.update({f"branching {b}": Tree.parse(b) for b in FLAGS.branching})
     designed = {int(n): Tree.design(ranks["design"], int(n)) for n in FLAGS.num_nodes}
     trees.update({f"designed {n}": t for n, t in designed.items()})
     results = {"target": FLAGS.target, "drafter": FLAGS.drafter, "dtype": FLAGS.dtype,

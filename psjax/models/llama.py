@@ -45,17 +45,18 @@ def _project(module: nn.Module, x, names, features, axes, use_bias=False, out_dt
     if module.is_initializing():
         return [d(x) for d in dense]
     params = nn.meta.unbox(module.variables["params"])
-    groups = [names] if module.fused else [[n] for n in names]
-    out = []
-    for group in groups:
+
+    def product(group):  # x times the kernels of `group`, side by side
         kernel = jnp.concatenate([params[n]["kernel"] for n in group], axis=1)
         y = jnp.einsum("...d,df->...f", x.astype(module.dtype), kernel.astype(module.dtype),
                        preferred_element_type=out_dtype or module.dtype)
         if use_bias:
             y = y + jnp.concatenate([params[n]["bias"] for n in group]).astype(y.dtype)
-        out.append(y)
-    y = jnp.concatenate(out, axis=-1) if len(out) > 1 else out[0]
-    return jnp.split(y, list(itertools.accumulate(features))[:-1], axis=-1)
+        return y
+
+    if not module.fused:
+        return [product([n]) for n in names]
+    return jnp.split(product(names), list(itertools.accumulate(features))[:-1], axis=-1)
 
 
 class RMSNorm(nn.Module):
