@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tiny_models
-from psjax.convert import hf
+from psjax.convert import drafter_hf, hf
 from psjax.decoding import autoregressive, common, speculative
 from psjax.decoding.tree import Tree
 from psjax.drafters import parallelspec as ps
@@ -19,7 +19,7 @@ from psjax.models.llama import Transformer
 
 sys.path.insert(0, "experiments")
 from configs import parallelspec as configs  # noqa: E402
-from psjax.training import data, experiment  # noqa: E402
+from psjax.training import checkpoint, data, experiment  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,22 @@ def test_sharded_training_equals_one_device(tmp_path):
     one = experiment.train(_tiny_config(num_devices=1, mesh=(1, 1, 1)), str(tmp_path / "one"))[1]
     eight = experiment.train(_tiny_config(mesh=(2, 2, 2)), str(tmp_path / "eight"))[1]
     np.testing.assert_allclose([m["loss"] for m in eight], [m["loss"] for m in one], rtol=2e-4)
+
+
+def test_init_from_an_exported_drafter(tmp_path):
+    """A new run starts from an exported drafter's weights (fine-tuning on new data), and
+    refuses one of another shape with the flags that fix it."""
+    experiment.train(_tiny_config(), str(tmp_path / "a"))
+    params, config_dict, target_name = checkpoint.restore_params(str(tmp_path / "a"))
+    exported = str(tmp_path / "drafter")
+    drafter_hf.save_drafter(exported, drafter_hf.config_from_dict(config_dict), params,
+                            target_name)
+    trainer, history = experiment.train(_tiny_config(total_steps=0, init_from=exported),
+                                        str(tmp_path / "b"))
+    assert history == []
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.state.params), params)
+
+    config = _tiny_config(total_steps=0, init_from=exported)
+    config.drafter.num_masks = 3
+    with pytest.raises(ValueError, match="num_masks"):
+        experiment.train(config, str(tmp_path / "c"))

@@ -27,6 +27,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from psjax import sharding
+from psjax.convert import drafter_hf
 from psjax.drafters import parallelspec
 from psjax.models.llama import Transformer
 from psjax.models.target import Target
@@ -151,7 +152,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
-    init_from: str = ""
+    init_from: str = ""  # a training workdir or an exported drafter directory (params only)
     mesh: tuple[int, int, int] = (1, -1, 1)  # data, fsdp, tensor
     num_devices: int = 0  # 0: all devices
     rules: Sequence = sharding.DEFAULT_RULES
@@ -260,12 +261,34 @@ class Trainer:
             logging.info("resumed from %s step %d", ckpt.directory, int(self.state.step))
             return int(meta["data_position"])
         if self.config.init_from:
-            other = checkpoint.Checkpointer(self.config.init_from, async_save=False)
-            restored, _ = other.restore(abstract)
-            other.close()
-            self.state = self.state.replace(params=restored.params)
+            self.state = self.state.replace(params=self._initial_params(abstract))
             logging.info("initialised drafter params from %s", self.config.init_from)
         return 0
+
+    def _initial_params(self, abstract: TrainState):
+        """`init_from`'s params on this run's shardings: an exported drafter directory
+        (`export_hf.py`, config.json beside the weights) or another run's workdir."""
+        path = self.config.init_from
+        if not os.path.exists(os.path.join(path, "config.json")):
+            other = checkpoint.Checkpointer(path, async_save=False)
+            if other.latest_step() is None:
+                raise FileNotFoundError(
+                    f"init_from={path!r} holds neither an exported drafter (config.json) nor "
+                    "checkpoints: name a drafter directory or a training workdir")
+            restored, _ = other.restore(abstract)
+            other.close()
+            return restored.params
+        exported, params = drafter_hf.load_drafter(path, self.target.module,
+                                                   dtype=jnp.float32)
+        ours = self.drafter.config
+        if exported.config != ours:
+            raise ValueError(
+                f"init_from={path!r} is a k={exported.config.num_masks} "
+                f"{exported.config.input_mode}-mode drafter; this run trains k={ours.num_masks} "
+                f"{ours.input_mode}-mode: set --config.drafter.num_masks and "
+                "--config.drafter.input_mode to match, or start from scratch")
+        return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params,
+                            abstract.params)
 
     # --- the loop ----------------------------------------------------------------------------
 
