@@ -1,4 +1,5 @@
-"""Self-distilled drafter training data: the target answers ShareGPT prompts, then a TFDS dataset.
+"""Self-distilled drafter training data: the target answers ShareGPT (or BIG-bench task) prompts,
+then a TFDS dataset.
 
 Steps: the first --num_prompts ShareGPT prompts (psjax.data.sharegpt.conversation_prompts, file
 order, turns <= --max_prompt_chars: the first user turn of each conversation, or with
@@ -20,6 +21,14 @@ tokens; `launch/gpu_pipeline.sh distill`):
     PYTHONPATH=. python experiments/generate_data.py --target qwen2.5-coder-0.5b-instruct \
         --dtype bfloat16 --max_turns 4 --num_prompts 25056 --batch_size 128 \
         --max_new_tokens 512 --max_prompt_tokens 384 --prompt_width 384
+
+Task prompts (`--prompts bigbench`: summarisation, translation, math, factual statements from
+BIG-bench, psjax.data.bigbench; round-robin over the tasks, so --num_prompts N is a mix; default
+--out_dir ends in `-bigbench`), the set drafter 4 of Qwen2.5-Coder-0.5B added:
+
+    PYTHONPATH=. python experiments/generate_data.py --target qwen2.5-coder-0.5b-instruct \
+        --prompts bigbench --num_prompts 16000 --batch_size 128 --max_new_tokens 512 \
+        --max_prompt_tokens 384 --prompt_width 384
 
 Raw conversations instead (issue 4's option): `--answers conversation` takes each turn's own
 ShareGPT reply as the answer (templated as the target renders an assistant turn, cut at
@@ -55,11 +64,16 @@ import os
 from absl import app, flags
 
 import psjax
-from psjax.data import self_distill, sharegpt
+from psjax.data import bigbench, self_distill, sharegpt
 from psjax.decoding.sampling import Sampling
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("target", "smollm2-135m-instruct", "registry name or local HF directory")
+flags.DEFINE_enum("prompts", "sharegpt", ["sharegpt", "bigbench"], "prompt source: ShareGPT "
+                  "conversations, or BIG-bench tasks (summarisation, translation, math, facts: "
+                  "psjax.data.bigbench)")
+flags.DEFINE_string("bigbench", None, "directory of the BIG-bench task files (default: "
+                    "psjax.data.bigbench.fetch())")
 flags.DEFINE_enum("answers", "target", ["target", "conversation"], "who answers: the target "
                   "(self-distillation) or the conversation's own reply (raw ShareGPT)")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weights and compute dtype")
@@ -89,6 +103,11 @@ def main(argv):
     sampling = (Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
                 if FLAGS.answers == "target" else None)
     name = self_distill.config_name(FLAGS.target, sampling)
+    if FLAGS.prompts == "bigbench":
+        if FLAGS.answers == "conversation":
+            raise app.UsageError("--prompts bigbench has no replies to take: use --answers "
+                                 "target (the target answers them)")
+        name += "-bigbench"
     root = sharegpt.data_cache_root()
     out_dir = FLAGS.out_dir or os.path.join(root, "self_distilled", name, "jsonl")
     data_dir = os.path.join(root, "tfds") if FLAGS.data_dir is None else FLAGS.data_dir
@@ -96,9 +115,12 @@ def main(argv):
     if FLAGS.prompt_width and FLAGS.prompt_width < FLAGS.max_prompt_tokens:
         raise app.UsageError(f"--prompt_width {FLAGS.prompt_width} is below --max_prompt_tokens "
                              f"{FLAGS.max_prompt_tokens}: raise it or lower --max_prompt_tokens")
-    turns = itertools.islice(sharegpt.conversation_turns(
-        FLAGS.sharegpt, max_turns=FLAGS.max_turns, max_chars=FLAGS.max_prompt_chars),
-        FLAGS.num_prompts)
+    if FLAGS.prompts == "bigbench":
+        turns = ((pid, [text], [], None) for pid, text in bigbench.prompts(FLAGS.bigbench))
+    else:
+        turns = sharegpt.conversation_turns(FLAGS.sharegpt, max_turns=FLAGS.max_turns,
+                                            max_chars=FLAGS.max_prompt_chars)
+    turns = itertools.islice(turns, FLAGS.num_prompts)
     target = psjax.load_target(FLAGS.target, FLAGS.dtype)
     if FLAGS.answers == "conversation":
         stats = self_distill.write_conversation_answers(

