@@ -89,9 +89,11 @@ def table(results: dict) -> str:
 def main(argv):
     del argv
     names = ["ar"] + [m for m in FLAGS.methods.split(",") if m and m != "ar"]
-    bad = [m for m in names if m not in ("ar", "pld", "parallelspec", "parallelspec_tree")]
+    bad = [m for m in names if m.startswith(("hf_", "sps")) or not specbench.is_known(m)]
     if bad:
-        raise app.UsageError(f"bench_grid runs psjax methods only; got {bad}")
+        raise app.UsageError(f"bench_grid runs psjax methods without a draft model (ar, pld, "
+                             f"pld_tree, parallelspec, parallelspec_tree, parallelspec_kN); "
+                             f"got {bad}")
     batch_sizes = [int(b) for b in FLAGS.batch_sizes.split(",")]
     hf_dir = hf_baselines.resolve_model(FLAGS.target)
     target = psjax.load_target(hf_dir, dtype=FLAGS.dtype)
