@@ -41,6 +41,17 @@ for line in sys.stdin:
     print(json.dumps({k: r[k] for k in ("id", "prompt_tokens", "answer_tokens", "finished")}))' \
     | gzip | split -b 15M - "$2/ids.jsonl.gz.part"
 }
+# The target answers N prompts into /tmp/KIND/MODEL, packed into $OUT/KIND_MODEL (what
+# `unpack MODEL KIND` reads back). TIME_LIMIT=S stops it after S seconds: resumable, and the
+# batches run in random order, so what is done is a fair sample.
+self_distill() {
+  local kind=$1 model=$2 n=$3; shift 3
+  run timeout "${TIME_LIMIT:-0}" python3 experiments/generate_data.py \
+      --target "/tmp/models/$model" --dtype bfloat16 --num_prompts "$n" \
+      --batch_size 128 --max_new_tokens 512 --max_prompt_tokens 384 --prompt_width 384 \
+      --out_dir "/tmp/$kind/$model" --data_dir '' "$@" || true
+  run pack "/tmp/$kind/$model" "$OUT/${kind}_$model"
+}
 declare -A GGUF_SHA=(
   [smol]=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
   [qwen05]=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
@@ -86,22 +97,11 @@ torch.__version__, jax.devices())" ;;
         --questions /tmp/spec_bench.jsonl --out "$OUT/grid_$model.json" "$@" ;;
   distill)
     model=$1 n=$2; shift 2
-    # TIME_LIMIT=S stops it after S seconds: resumable, and the batches run in random order,
-    # so what is done is a fair sample.
-    run timeout "${TIME_LIMIT:-0}" python3 experiments/generate_data.py \
-        --target "/tmp/models/$model" --dtype bfloat16 \
-        --sharegpt /tmp/sharegpt_prompts.json.gz --max_turns 4 --num_prompts "$n" \
-        --batch_size 128 --max_new_tokens 512 --max_prompt_tokens 384 --prompt_width 384 \
-        --out_dir "/tmp/distilled/$model" --data_dir '' "$@" || true
-    run pack "/tmp/distilled/$model" "$OUT/distilled_$model" ;;
+    self_distill distilled "$model" "$n" \
+        --sharegpt /tmp/sharegpt_prompts.json.gz --max_turns 4 "$@" ;;
   distill_tasks)
     model=$1 n=$2; shift 2
-    run timeout "${TIME_LIMIT:-0}" python3 experiments/generate_data.py \
-        --target "/tmp/models/$model" --dtype bfloat16 --prompts bigbench \
-        --bigbench /tmp/bigbench --num_prompts "$n" \
-        --batch_size 128 --max_new_tokens 512 --max_prompt_tokens 384 --prompt_width 384 \
-        --out_dir "/tmp/tasks/$model" --data_dir '' "$@" || true
-    run pack "/tmp/tasks/$model" "$OUT/tasks_$model" ;;
+    self_distill tasks "$model" "$n" --prompts bigbench --bigbench /tmp/bigbench "$@" ;;
   pack)
     run pack "$1" "$2" ;;
   unpack)
