@@ -1,6 +1,7 @@
 """ParallelSpec: training and drafting see the same thing; drafting is lossless; training learns,
 resumes exactly, and shards without changing the result."""
 
+import os
 import sys
 
 import jax
@@ -152,7 +153,16 @@ def test_init_from_an_exported_drafter(tmp_path):
     assert history == []
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(trainer.state.params), params)
 
+    from_workdir, _ = experiment.train(_tiny_config(total_steps=0, init_from=str(tmp_path / "a")),
+                                       str(tmp_path / "d"))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_workdir.state.params),
+                 params)
+
     config = _tiny_config(total_steps=0, init_from=exported)
     config.drafter.num_masks = 3
     with pytest.raises(ValueError, match="num_masks"):
         experiment.train(config, str(tmp_path / "c"))
+    typo = str(tmp_path / "no_such_run")
+    with pytest.raises(FileNotFoundError, match="neither an exported drafter"):
+        experiment.train(_tiny_config(total_steps=0, init_from=typo), str(tmp_path / "e"))
+    assert not os.path.exists(typo)  # nothing created on the way

@@ -270,14 +270,19 @@ class Trainer:
         (`export_hf.py`, config.json beside the weights) or another run's workdir."""
         path = self.config.init_from
         if not os.path.exists(os.path.join(path, "config.json")):
+            missing = FileNotFoundError(
+                f"init_from={path!r} holds neither an exported drafter (config.json) nor "
+                "checkpoints: name a drafter directory or a training workdir")
+            # Checked before opening a manager, which would create the directory it is given.
+            if not os.path.isdir(os.path.join(path, "checkpoints")):
+                raise missing
             other = checkpoint.Checkpointer(path, async_save=False)
-            if other.latest_step() is None:
-                raise FileNotFoundError(
-                    f"init_from={path!r} holds neither an exported drafter (config.json) nor "
-                    "checkpoints: name a drafter directory or a training workdir")
-            restored, _ = other.restore(abstract)
-            other.close()
-            return restored.params
+            try:
+                if other.latest_step() is None:
+                    raise missing
+                return other.restore(abstract)[0].params
+            finally:
+                other.close()
         exported, params = drafter_hf.load_drafter(path, self.target.module,
                                                    dtype=jnp.float32)
         ours = self.drafter.config
