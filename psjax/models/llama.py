@@ -40,10 +40,10 @@ def _project(module: nn.Module, x, names, features, axes, use_bias=False, out_dt
     kernel, and fusing q/k/v and gate/up removes three of the seven per layer. Parameters keep
     HF's layout; inside the decoding while_loop XLA hoists the concatenation of the
     loop-invariant weights out of the loop."""
-    dense = [_dense(f, a, n, use_bias=use_bias, dtype=module.dtype,
-                    param_dtype=module.param_dtype) for n, f, a in zip(names, features, axes)]
-    if module.is_initializing():
-        return [d(x) for d in dense]
+    if module.is_initializing():  # the Dense layers declare the parameters (names, axes)
+        return [_dense(f, a, n, use_bias=use_bias, dtype=module.dtype,
+                       param_dtype=module.param_dtype)(x)
+                for n, f, a in zip(names, features, axes)]
     params = nn.meta.unbox(module.variables["params"])
 
     def product(group):  # x times the kernels of `group`, side by side
