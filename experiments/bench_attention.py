@@ -5,8 +5,8 @@ default up to `llama.MULTIPLY_SUM_PAIRS` queries x cache slots) and as matmuls
 N + 1 queries (a prompt-lookup chain of N drafts: the verify cost, whatever is accepted).
 
 Random bfloat16 weights of a real shape (the cost of a step does not depend on the values),
-batch 1, a prompt of each --contexts length, 256 new tokens (so 768 and 2,304 cache slots for
-512 and 2,048); the step is psjax's autoregressive loop less its prompt pass
+--batch_sizes rows, a prompt of each --contexts length, 256 new tokens (so 768 and 2,304 cache
+slots for 512 and 2,048); the step is psjax's autoregressive loop less its prompt pass
 (`psjax.bench.limits.ar_step_seconds`). On the GPU (nothing to carry), from the repository root:
 
     PYTHONPATH=. python3 experiments/bench_attention.py --out /tmp/out/attention.json
@@ -16,6 +16,7 @@ CPU smoke test: `--shape smollm2-135m --contexts 16 --new_tokens 8`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
@@ -36,6 +37,7 @@ flags.DEFINE_list("contexts", ["2048", "512"], "prompt lengths (tokens already i
 flags.DEFINE_list("multiply_sum_pairs", ["1000000", "0"], "llama.MULTIPLY_SUM_PAIRS values to "
                   "compare (0: matmuls; the recorded runs' few_queries 64 = 1000000 here)")
 flags.DEFINE_list("chains", ["0"], "draft chain lengths N; 0 = the autoregressive step")
+flags.DEFINE_list("batch_sizes", ["1"], "rows per step")
 flags.DEFINE_integer("new_tokens", 256, "tokens generated per timed run")
 flags.DEFINE_string("out", "", "JSON file for the results (optional)")
 
@@ -46,8 +48,9 @@ def main(argv):
     results = {"card": card(), "jax": jax.__version__, "shape": FLAGS.shape,
                "new_tokens": FLAGS.new_tokens, "command": " ".join(sys.argv), "ar_ms": {},
                "spec_ms": {}}
-    for context in map(int, FLAGS.contexts):
-        prompts = np.random.default_rng(0).integers(0, 1000, (1, context)).tolist()
+    for batch, context in itertools.product(map(int, FLAGS.batch_sizes),
+                                            map(int, FLAGS.contexts)):
+        prompts = np.random.default_rng(0).integers(0, 1000, (batch, context)).tolist()
         prefill = limits.prefill_seconds(target.module, target.params, prompts)
         for pairs in map(int, FLAGS.multiply_sum_pairs):
             llama.MULTIPLY_SUM_PAIRS = pairs
@@ -56,14 +59,16 @@ def main(argv):
                 if chain == 0:
                     ms = 1e3 * limits.ar_step_seconds(target.module, target.params, prompts,
                                                       new_tokens=FLAGS.new_tokens, prefill=prefill)
-                    results["ar_ms"][f"context {context}, multiply_sum_pairs {pairs}"] = ms
+                    results["ar_ms"][f"batch {batch}, context {context}, "
+                                     f"multiply_sum_pairs {pairs}"] = ms
                 else:
                     ms = 1e3 * limits.spec_step_seconds(
                         target.module, target.params, prompts, PromptLookup(), None,
                         Tree.chain(chain), new_tokens=FLAGS.new_tokens, prefill=prefill)
-                    key = f"context {context}, multiply_sum_pairs {pairs}, chain {chain}"
+                    key = (f"batch {batch}, context {context}, multiply_sum_pairs {pairs}, "
+                           f"chain {chain}")
                     results["spec_ms"][key] = ms
-                print(f"context {context} multiply_sum_pairs {pairs} chain {chain}: "
+                print(f"batch {batch} context {context} multiply_sum_pairs {pairs} chain {chain}: "
                       f"step {ms:.3f} ms", flush=True)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:

@@ -15,8 +15,10 @@ Step times are measured; bounds and projections are computed (measured tau, meas
 
 --profile_shape adds, for that shape: the AR step, kernels per step, device busy time per step
 and the kernels that take it (a profiler trace of a generation), plain and with q/k/v and
-gate/up fused (`Transformer(fused=True)`), and the AR step under each --xla_variants setting (a
-fresh process each, since XLA reads its flags once).
+gate/up fused (`Transformer(fused=True)`); the same trace of each speculative method's step
+(with XLA_FLAGS=--xla_dump_to=DIR, a kernel's name finds its op and phase in DIR: see
+`limits.device_trace`); and the AR step under each --xla_variants setting (a fresh process
+each, since XLA reads its flags once).
 
 On the GPU (nothing to carry: no weights), from the repository root:
 
@@ -42,7 +44,7 @@ import numpy as np
 
 from psjax.bench import limits
 from psjax.bench.timing import card, measure_bandwidth_tbps
-from psjax.decoding import autoregressive
+from psjax.decoding import autoregressive, speculative
 from psjax.decoding.tree import Tree
 from psjax.drafters import parallelspec
 from psjax.drafters.prompt_lookup import PromptLookup
@@ -56,8 +58,10 @@ flags.DEFINE_string("shapes", "smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b,llama-2-7b
                     "llama-2-13b", f"comma list of {sorted(limits.SHAPES)}")
 flags.DEFINE_integer("batch", 1, "rows per step")
 flags.DEFINE_integer("context", 512, "tokens already in the cache")
-flags.DEFINE_integer("k", 7, "ParallelSpec masks: a chain of k + 1 drafts")
-flags.DEFINE_string("tree", "4,2,2,1", "ParallelSpec tree: branching per depth")
+flags.DEFINE_integer("k", 7, "ParallelSpec masks: k + 1 drafts per pass")
+flags.DEFINE_integer("chain", 0, "ParallelSpec chain: drafts verified per step (0: k + 1)")
+flags.DEFINE_string("tree", "4,2,2,1", "ParallelSpec tree: branching per depth, or FILE.json:N "
+                    "(experiments/design_tree.py's tree of N nodes)")
 flags.DEFINE_integer("new_tokens", 128, "tokens generated per timed run")
 flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
 flags.DEFINE_string("tau_from", os.path.join(_REPO, "results", "specbench_qwen05b_h100",
@@ -84,9 +88,10 @@ def ar_ms(module, params, prompts, prefill: float) -> float:
                                         prefill=prefill, repeats=FLAGS.repeats)
 
 
-def profile(target, prompts, prefill: float) -> dict:
+def profile(target, prompts, prefill: float, drafter, dparams, trees: dict) -> dict:
     """The real autoregressive loop, plain and with fused projections: step time, and kernels
-    and device busy time per step from a profiler trace of a generation."""
+    and device busy time per step from a profiler trace of a generation. Then the same trace
+    of the speculative loop for each tree."""
     out = {}
     for fused in (False, True):
         module = Transformer(target.config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
@@ -96,6 +101,11 @@ def profile(target, prompts, prefill: float) -> dict:
             module, target.params, prompts, max_new_tokens=FLAGS.new_tokens),
             steps=FLAGS.new_tokens)
         out["fused" if fused else "plain"] = row
+    for method, tree in trees.items():
+        run = lambda: speculative.generate(target.module, target.params, prompts, drafter=drafter,
+                                           drafter_params=dparams, tree=tree,
+                                           max_new_tokens=FLAGS.new_tokens)
+        out[f"spec_{method}"] = limits.device_trace(run, steps=run().steps)
     for variant in filter(None, FLAGS.xla_variants.split(";")):
         label, xla_flags = variant.split("=", 1)
         env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}")
@@ -124,8 +134,8 @@ def measure_shape(name: str, bandwidth: float, taus: dict) -> dict:
                                  target.module, dtype=jnp.bfloat16)
     dparams = parallelspec.init_params(drafter, jax.random.PRNGKey(1))
     row["spec_ms"], row["verify_ms"], row["projection"] = {}, {}, {}
-    trees = {"parallelspec": Tree.chain(FLAGS.k + 1),
-             "parallelspec_tree": Tree.from_branching([int(x) for x in FLAGS.tree.split(",")])}
+    trees = {"parallelspec": Tree.chain(FLAGS.chain or FLAGS.k + 1),
+             "parallelspec_tree": Tree.parse(FLAGS.tree)}
     for method, tree in trees.items():
         step = functools.partial(limits.spec_step_seconds, target.module, target.params,
                                  prompts, tree=tree, new_tokens=FLAGS.new_tokens,
@@ -141,7 +151,7 @@ def measure_shape(name: str, bandwidth: float, taus: dict) -> dict:
                                          "projected_speedup": tau * row["ar_ms"] / spec}
     print(time.strftime("%H:%M:%S"), json.dumps({name: row}), flush=True)
     if name == FLAGS.profile_shape:
-        row["profile"] = profile(target, prompts, prefill)
+        row["profile"] = profile(target, prompts, prefill, drafter, dparams, trees)
     return row
 
 
@@ -181,7 +191,8 @@ def main(argv):
     bandwidth = FLAGS.bandwidth_tbps or measure_bandwidth_tbps()
     taus = read_taus(FLAGS.tau_from)
     results = {"card": card(), "jax": jax.__version__, "batch": FLAGS.batch,
-               "context": FLAGS.context, "k": FLAGS.k, "tree": FLAGS.tree, "fused": FLAGS.fused,
+               "context": FLAGS.context, "k": FLAGS.k, "chain": FLAGS.chain or FLAGS.k + 1,
+               "tree": FLAGS.tree, "fused": FLAGS.fused,
                "bandwidth_tbps": bandwidth, "tau_from": FLAGS.tau_from, "taus": taus,
                "command": " ".join(sys.argv), "shapes": {}}
     for name in FLAGS.shapes.split(","):

@@ -120,7 +120,12 @@ def spec_step_seconds(module: Transformer, params, prompts, drafter, drafter_par
 
 def device_trace(fn: Callable[[], Any], steps: int) -> dict[str, Any]:
     """Kernels per step and device busy time per step, from a profiler trace of fn() (which
-    runs `steps` steps). Empty where the trace has no device kernels (CPU)."""
+    runs `steps` steps): the kernels that take it, by kind (trailing numbers dropped) and by
+    name. A kernel's name is its HLO instruction's (`fusion_1699` is `%fusion.1699`), whose
+    metadata in an XLA dump of the module (XLA_FLAGS=--xla_dump_to=DIR) names the op and its
+    jax.named_scope path, e.g. the speculative engine's draft/verify/accept/commit (the trace
+    itself does not carry it while XLA's command buffers are on). Empty where the trace has no
+    device kernels (CPU)."""
     fn()
     logdir = tempfile.mkdtemp(prefix="psjax_trace_")
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
@@ -143,12 +148,17 @@ def device_trace(fn: Callable[[], Any], steps: int) -> dict[str, Any]:
         if stop > end:
             busy += stop - max(start, end)
             end = stop
+    kinds: dict[str, float] = {}
     names: dict[str, float] = {}
     for e in kernels:
-        key = re.sub(r"[_.]?\d+$", "", e.get("name", "?"))
-        names[key] = names.get(key, 0.0) + float(e.get("dur", 0))
-    top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
+        name, us = e.get("name", "?"), float(e.get("dur", 0))
+        kind = re.sub(r"[_.]?\d+$", "", name)
+        kinds[kind] = kinds.get(kind, 0.0) + us
+        names[name] = names.get(name, 0.0) + us
+    top = lambda d: {k: round(v / steps / 1e3, 4)
+                     for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:12]}
     return {"kernels_per_step": len(kernels) / steps,
             "busy_ms_per_step": busy / steps / 1e3,
             "span_ms_per_step": (spans[-1][1] - spans[0][0]) / steps / 1e3,
-            "top_kernels_ms_per_step": {k: round(v / steps / 1e3, 4) for k, v in top}}
+            "top_kernels_ms_per_step": top(kinds),
+            "top_named_kernels_ms_per_step": top(names)}

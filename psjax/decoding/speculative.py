@@ -82,16 +82,22 @@ def _generate(module: Transformer, params, drafter: Drafter, drafter_params, tok
         return (s.step < max_steps) & ~jnp.all(s.done)
 
     def body(s: State):
+        # Named scopes put each phase in its ops' metadata (op_name): in an XLA dump they tell
+        # which phase a profiled kernel belongs to (psjax.bench.limits.device_trace).
         rng, draft_key, accept_key = jax.random.split(s.rng, 3)
         context = Context(s.sequence, s.seq_len, params)
-        proposal, drafter_state = drafter.propose(drafter_params, s.drafter_state, context,
-                                                  depth, tree.width, sampling, draft_key)
+        with jax.named_scope("draft"):
+            proposal, drafter_state = drafter.propose(drafter_params, s.drafter_state, context,
+                                                      depth, tree.width, sampling, draft_key)
         node_tokens = proposal.candidates[:, node_depth, node_rank]  # [B, T]
         root = s.sequence[rows, s.seq_len - 1]
         block = jnp.concatenate([root[:, None], node_tokens], axis=1)  # [B, T+1]
         positions = (s.seq_len - 1)[:, None] + offsets[None, :]
-        out = module.apply({"params": params}, block, positions, s.cache, block_mask)
-        acc = verify.accept(tree, node_tokens, out.logits, proposal.q, sampling, accept_key)
+        with jax.named_scope("verify"):
+            out = module.apply({"params": params}, block, positions, s.cache, block_mask)
+        with jax.named_scope("accept"):
+            acc = verify.accept(tree, node_tokens, out.logits, proposal.q, sampling,
+                                accept_key)
 
         # Emitted this step: the accepted drafts, then the bonus token.
         path_tokens = jnp.take_along_axis(block, acc.path, axis=1)  # [B, D+1]
@@ -105,21 +111,22 @@ def _generate(module: Transformer, params, drafter: Drafter, drafter_params, tok
         count = jnp.where(live, count, 0)
         done = s.done | (eos_at < depth + 1) | (s.num_generated + count >= max_new_tokens)
 
-        # Write the emitted tokens after seq_len; slots past `count` are garbage until
-        # overwritten, and rows that are done keep their sequence.
-        written = jax.vmap(lambda seq, new, start: jax.lax.dynamic_update_slice(
-            seq, new, (start,)))(s.sequence, emitted, s.seq_len)
-        sequence = jnp.where(live[:, None], written, s.sequence)
-        cache = out.cache if tree.is_chain else out.cache.gather_new(acc.path)
-        cache = cache.commit(jnp.where(live, count, 0))
-        seq_len = s.seq_len + count
-        path_hidden = jnp.take_along_axis(out.hidden, acc.path[:, :, None], axis=1)
-        drafter_state = drafter.commit(drafter_params, drafter_state,
-                                       Accepted(num_path=count, path_hidden=path_hidden,
-                                                seq_len=seq_len))
-        return State(cache=cache, drafter_state=drafter_state, sequence=sequence,
-                     seq_len=seq_len, num_generated=s.num_generated + count, done=done,
-                     accepted=s.accepted.at[s.step].set(count), step=s.step + 1, rng=rng)
+        with jax.named_scope("commit"):
+            # Write the emitted tokens after seq_len; slots past `count` are garbage until
+            # overwritten, and rows that are done keep their sequence.
+            written = jax.vmap(lambda seq, new, start: jax.lax.dynamic_update_slice(
+                seq, new, (start,)))(s.sequence, emitted, s.seq_len)
+            sequence = jnp.where(live[:, None], written, s.sequence)
+            cache = out.cache if tree.is_chain else out.cache.gather_new(acc.path)
+            cache = cache.commit(jnp.where(live, count, 0))
+            seq_len = s.seq_len + count
+            path_hidden = jnp.take_along_axis(out.hidden, acc.path[:, :, None], axis=1)
+            drafter_state = drafter.commit(drafter_params, drafter_state,
+                                           Accepted(num_path=count, path_hidden=path_hidden,
+                                                    seq_len=seq_len))
+            return State(cache=cache, drafter_state=drafter_state, sequence=sequence,
+                         seq_len=seq_len, num_generated=s.num_generated + count, done=done,
+                         accepted=s.accepted.at[s.step].set(count), step=s.step + 1, rng=rng)
 
     state = jax.lax.while_loop(cond, body, state)
     return state.sequence, state.num_generated, state.step, state.accepted
