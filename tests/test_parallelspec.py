@@ -59,6 +59,11 @@ def test_training_mode_equals_drafting_mode(tiny_target, mode):
                                                     jnp.array([23])))
     second, _ = drafter.draft_logits(dparams, state, context.replace(seq_len=jnp.array([23])))
     np.testing.assert_allclose(second[0], training[0, 2], atol=1e-5)
+    # A real position's own output is the first draft it gives as an anchor (the trainer's
+    # dense first-draft loss reads every position's).
+    groups, every = drafter.training_hidden(dparams, params, jnp.asarray(seq), full.hidden,
+                                            jnp.array([[19, 5, 22]]), jnp.array([30]))
+    np.testing.assert_allclose(every[0, jnp.array([19, 5, 22])], groups[0, :, 0], atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["token", "feature"])
@@ -97,6 +102,15 @@ def test_tiny_training_loss_falls(tmp_path):
     _, history = experiment.train(_tiny_config(), str(tmp_path))
     losses = [m["loss"] for m in history]
     assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_dense_first_draft_loss_trains(tmp_path):
+    config = _tiny_config()
+    config.loss.dense_weight = 1.0
+    _, history = experiment.train(config, str(tmp_path))
+    losses = [m["loss"] for m in history]
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert 0.0 <= history[-1]["dense_top1"] <= 1.0 and history[-1]["dense_kl"] > 0
 
 
 def test_holdout_is_never_trained_on_and_measured(tmp_path):

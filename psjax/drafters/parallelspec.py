@@ -250,6 +250,16 @@ class ParallelSpec(Drafter):
         Returns the draft logits of every group [B, G, k + 1, V]: index j predicts the token at
         anchors[g] + j + 1 (j = 0 from the anchor itself, j = m from MASK_m), each seeing exactly
         what it sees when drafting after that anchor."""
+        groups, _ = self.training_hidden(params, target_params, tokens, target_hidden, anchors,
+                                         lengths)
+        return target_logits(self.target_module, target_params, groups)
+
+    def training_hidden(self, params, target_params, tokens: jax.Array,
+                        target_hidden: jax.Array, anchors: jax.Array,
+                        lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`training_logits`' pass, before the LM head: the groups' hidden states [B, G, k+1, D]
+        and every real position's [B, L, D] (position j's is the first draft it would give as
+        the anchor: the trainer's dense first-draft loss reads them)."""
         cfg = self.config
         b, length = tokens.shape
         g, k = anchors.shape[1], cfg.num_masks
@@ -275,8 +285,7 @@ class ParallelSpec(Drafter):
             jnp.concatenate([pos, flat(group_anchor + rank)], axis=1), mask, None, None)
         at_anchor = jnp.take_along_axis(hidden, anchors[:, :, None], axis=1)[:, :, None]
         at_masks = hidden[:, length:].reshape(b, g, k, -1)
-        return target_logits(self.target_module, target_params,
-                             jnp.concatenate([at_anchor, at_masks], axis=2))
+        return jnp.concatenate([at_anchor, at_masks], axis=2), hidden[:, :length]
 
     def commit(self, params, state: DraftState, accepted: Accepted):
         # The tokens kept this step (accepted drafts + bonus) read the features of the nodes

@@ -46,6 +46,10 @@ class LossConfig:
     soft_weight: float = 1.0  # KL(target || drafter) at each mask
     hard_weight: float = 0.0  # cross-entropy on the token the target actually produced
     num_anchors: int = 64  # groups per sequence; >= max_length means every position
+    # The first draft (a real position's own output) trained at every answer position, not only
+    # at the sampled anchors, as EAGLE trains its drafter: this weight times its soft and hard
+    # terms, averaged over positions, is added to the loss.
+    dense_weight: float = 0.0
 
 
 def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int,
@@ -73,9 +77,21 @@ def sample_anchors(rng, lengths, prompt_lengths, max_length: int, num_anchors: i
     return anchors.astype(jnp.int32), jnp.take_along_axis(valid, anchors, axis=1)
 
 
+def _distill(p_logits, q_logits, labels, soft_weight: float, hard_weight: float):
+    """Per-prediction loss (soft_weight x KL(p || q) + hard_weight x CE on `labels`), KL, CE
+    and top-1 agreement; logits [..., V], labels [...]."""
+    log_p = jax.nn.log_softmax(p_logits.astype(jnp.float32))
+    log_q = jax.nn.log_softmax(q_logits.astype(jnp.float32))
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    ce = -jnp.take_along_axis(log_q, labels[..., None], axis=-1)[..., 0]
+    agree = (jnp.argmax(q_logits, -1) == jnp.argmax(p_logits, -1)).astype(jnp.float32)
+    return soft_weight * kl + hard_weight * ce, kl, ce, agree
+
+
 def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.ParallelSpec,
             loss: LossConfig):
     target: Transformer = drafter.target_module
+    head = lambda h: parallelspec.target_logits(target, target_params, h)
     tokens, lengths = batch["tokens"], batch["lengths"]
     b, length = tokens.shape
     depth = drafter.config.draft_length
@@ -84,24 +100,21 @@ def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.Parallel
         {"params": target_params}, tokens, positions, compute_logits=False).hidden)
     anchors, anchor_valid = sample_anchors(rng, lengths, batch["prompt_lengths"], length,
                                            loss.num_anchors)
-    q_logits = drafter.training_logits(params, target_params, tokens, hidden, anchors, lengths)
+    groups, every = drafter.training_hidden(params, target_params, tokens, hidden, anchors,
+                                            lengths)
+    q_logits = head(groups)
     predicted = anchors[:, :, None] + jnp.arange(1, depth + 1)  # [B, G, k+1] positions drafted
     valid = anchor_valid[:, :, None] & (predicted <= lengths[:, None, None] - 1)
     index = jnp.clip(predicted, 0, length - 1).reshape(b, -1)
     # The target's distribution for the token at position p comes from position p - 1.
     prev_hidden = jnp.take_along_axis(hidden, (index - 1)[:, :, None], axis=1)
-    p_logits = jax.lax.stop_gradient(parallelspec.target_logits(
-        target, target_params, prev_hidden)).reshape(q_logits.shape)
-    log_p = jax.nn.log_softmax(p_logits.astype(jnp.float32))
-    log_q = jax.nn.log_softmax(q_logits.astype(jnp.float32))
-    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    p_logits = jax.lax.stop_gradient(head(prev_hidden)).reshape(q_logits.shape)
     labels = jnp.take_along_axis(tokens, index, axis=1).reshape(predicted.shape)
-    ce = -jnp.take_along_axis(log_q, labels[..., None], axis=-1)[..., 0]
-    per_token = loss.soft_weight * kl + loss.hard_weight * ce
+    per_token, kl, ce, agree = _distill(p_logits, q_logits, labels, loss.soft_weight,
+                                        loss.hard_weight)
     weight = valid.astype(jnp.float32)
     total = jnp.sum(per_token * weight) / jnp.maximum(weight.sum(), 1.0)
 
-    agree = (jnp.argmax(q_logits, -1) == jnp.argmax(p_logits, -1)).astype(jnp.float32)
     per_position = lambda x: jnp.sum(x * weight, axis=(0, 1)) / jnp.maximum(
         weight.sum(axis=(0, 1)), 1.0)
     top1 = per_position(agree)
@@ -109,13 +122,28 @@ def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.Parallel
                # Chain acceptance if positions agreed independently: 1 + sum_m prod_{j<=m}.
                "tau_estimate": 1.0 + jnp.sum(jnp.cumprod(top1)),
                "num_predictions": weight.sum()}
+    if loss.dense_weight:
+        # Position j as the anchor: its output drafts the token at j + 1, which the target's
+        # output at j gives. Positions as sample_anchors allows them.
+        pos = jnp.arange(length)[None]
+        dense_valid = ((pos >= batch["prompt_lengths"][:, None] - 1)
+                       & (pos <= lengths[:, None] - 2)).astype(jnp.float32)
+        next_tokens = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
+        dense, dense_kl, _, dense_agree = _distill(
+            jax.lax.stop_gradient(head(hidden)), head(every), next_tokens, loss.soft_weight,
+            loss.hard_weight)
+        mean = lambda x: jnp.sum(x * dense_valid) / jnp.maximum(dense_valid.sum(), 1.0)
+        total = total + loss.dense_weight * mean(dense)
+        metrics.update(loss=total, dense_kl=mean(dense_kl), dense_top1=mean(dense_agree))
     return total, metrics
 
 
-def step_flops(target_config, drafter_config, batch: int, length: int, num_anchors: int) -> float:
+def step_flops(target_config, drafter_config, batch: int, length: int, num_anchors: int,
+               dense: bool = False) -> float:
     """Model FLOPs of one train step: target forward, drafter forward and backward (backward =
-    2x forward), the LM head on every mask for both models (the drafter's head backward computes
-    input gradients only). Attention counts the dense [T, T] scores the step computes."""
+    2x forward), the LM head on every mask (and with `dense`, every position) for both models
+    (the drafter's head backward computes input gradients only). Attention counts the dense
+    [T, T] scores the step computes."""
     c = target_config
     d, v = c.hidden_size, c.vocab_size
     q = c.num_attention_heads * c.head_dim
@@ -123,6 +151,7 @@ def step_flops(target_config, drafter_config, batch: int, length: int, num_ancho
     layer = d * q + 2 * d * kv + q * d + 3 * d * c.intermediate_size
     groups = min(num_anchors, length)
     masks = batch * groups * drafter_config.draft_length  # drafted positions
+    masks += batch * length if dense else 0
     t_drafter = length + groups * drafter_config.num_masks
     target_fwd = 2 * batch * length * c.num_hidden_layers * layer
     target_fwd += 4 * batch * length * length * q * c.num_hidden_layers  # QK^T and PV
@@ -307,7 +336,7 @@ class Trainer:
         position = self.restore_or_init(ckpt)
         start = int(self.state.step)
         flops = step_flops(self.target.config, self.drafter.config, cfg.batch_size,
-                           cfg.max_length, cfg.loss.num_anchors)
+                           cfg.max_length, cfg.loss.num_anchors, bool(cfg.loss.dense_weight))
         rng = jax.random.PRNGKey(cfg.seed)
         history, window_start, window_steps, window_tokens = [], time.perf_counter(), 0, 0
         stream = data.batches(source, cfg.batch_size, cfg.max_length, cfg.seed, position)
