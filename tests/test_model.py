@@ -15,6 +15,7 @@ import tiny_models
 from psjax import sharding
 from psjax.convert import hf
 from psjax.models.config import ModelConfig, UnsupportedConfigError
+from psjax.models import llama
 from psjax.models.llama import Transformer
 
 
@@ -52,6 +53,20 @@ def test_fused_projections_compute_the_same(variant):
     plain = Transformer(config).apply({"params": params}, tokens, positions).logits
     fused = Transformer(config, fused=True).apply({"params": params}, tokens, positions).logits
     np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_paths_agree(monkeypatch):
+    """attend's multiply-and-sum and matmul forms (chosen by llama.MULTIPLY_SUM_PAIRS from
+    batch, queries and slots) give the same attention, masked slots included."""
+    rs = np.random.RandomState(5)
+    q = jnp.asarray(rs.randn(3, 4, 2, 3, 16), jnp.float32)  # [B, T, K, G, H]
+    keys, values = (jnp.asarray(rs.randn(3, 40, 2, 16), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(rs.rand(3, 4, 40) < 0.7)
+    outs = []
+    for pairs in (10**9, 0):  # every call multiply-and-sum, then every call matmuls
+        monkeypatch.setattr(llama, "MULTIPLY_SUM_PAIRS", pairs)
+        outs.append(llama.attend(q, keys, values, mask, jnp.float32))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])

@@ -100,10 +100,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
-# Attention of T queries over S cache slots runs as multiply-and-sum while T * S is at most this
-# (see attend). Measured on an H100, Qwen2.5-0.5B shapes (results/attention_h100/
-# attention_verify_qwen05b.json): multiply-and-sum is faster for T = 1 and 3 at 2,304 slots and up
-# to T = 17 at 768, matmuls for T = 11 and 17 at 2,304; the crossover is near 14k pairs.
+# Attention of T queries over S cache slots runs as multiply-and-sum while T * S is at most this,
+# counting B * T * S for a verify pass (T > 1) over a batch (see attend). Measured on an H100,
+# Qwen2.5-0.5B shapes, batch 1 (results/attention_h100/attention_verify_qwen05b.json):
+# multiply-and-sum is faster for T = 1 and 3 at 2,304 slots and up to T = 17 at 768, matmuls for
+# T = 11 and 17 at 2,304; the crossover is near 14k pairs. At batch 8 (results/profile_h100/) the
+# multiply-and-sum attention of a 17-node tree took 1.5 ms of a 3.7 ms step.
 MULTIPLY_SUM_PAIRS = 14_336
 
 
@@ -117,9 +119,12 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
     stay fused only while small (XLA's GPU compiler rewrites a dot under 10^6 multiply-adds as a
     reduction); past that (a cache of ~1,100 slots for Qwen2.5-0.5B) each becomes a batched GEMM
     of 7 rows with transposes around it. But the reduction reads the keys and values once per
-    query, so it loses to the GEMM once queries x slots passes MULTIPLY_SUM_PAIRS."""
+    query, so it loses to the GEMM once queries x slots (x rows, in a verify pass over a batch)
+    passes MULTIPLY_SUM_PAIRS."""
     h = q.shape[-1]
-    few = q.shape[1] * keys.shape[1] <= MULTIPLY_SUM_PAIRS
+    b, t, s = q.shape[0], q.shape[1], keys.shape[1]
+    # A one-token step keeps the batch-1 rule (the autoregressive baseline is unchanged).
+    few = (t if t == 1 else b * t) * s <= MULTIPLY_SUM_PAIRS
     if few:
         q32 = jnp.moveaxis(q, 1, 3).astype(jnp.float32)  # [B, K, G, T, H]
         k32 = jnp.moveaxis(keys, 1, 2).astype(jnp.float32)  # [B, K, S, H]
