@@ -15,10 +15,14 @@ Step times are measured; bounds and projections are computed (measured tau, meas
 
 --profile_shape adds, for that shape: the AR step, kernels per step, device busy time per step
 and the kernels that take it (a profiler trace of a generation), plain and with q/k/v and
-gate/up fused (`Transformer(fused=True)`); the same trace of each speculative method's step
-(with XLA_FLAGS=--xla_dump_to=DIR, a kernel's name finds its op and phase in DIR: see
-`limits.device_trace`); and the AR step under each --xla_variants setting (a fresh process
-each, since XLA reads its flags once).
+gate/up fused (`Transformer(fused=True)`); the same trace of each speculative method's step,
+split into the engine's phases (draft, verify, accept, commit) with --xla_dump_dir; and the AR
+step under each --xla_variants setting (a fresh process each, since XLA reads its flags once).
+The split, on the GPU:
+
+    XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_module_re=.*_generate.*" \\
+    PYTHONPATH=.:/tmp/site python3 experiments/bench_limits.py --shapes qwen2.5-0.5b \\
+        --batch 8 --chain 2 --xla_variants '' --xla_dump_dir /tmp/hlo --out /tmp/out/limits.json
 
 On the GPU (nothing to carry: no weights), from the repository root:
 
@@ -31,6 +35,7 @@ CPU smoke test: `--shapes smollm2-135m --context 16 --new_tokens 8 --repeats 1
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import subprocess
@@ -74,6 +79,9 @@ flags.DEFINE_string("xla_variants", "no_command_buffer=--xla_gpu_enable_command_
                     "name=XLA_FLAGS;... decode-step variants for --profile_shape")
 flags.DEFINE_bool("fused", True, "the target with fused q/k/v and gate/up (load_target's "
                   "default) for the step times")
+flags.DEFINE_string("xla_dump_dir", "", "the directory XLA_FLAGS' --xla_dump_to names (with "
+                    "--xla_dump_hlo_module_re=.*_generate.*, and no JAX compilation cache): "
+                    "splits each speculative step's kernel time by phase")
 flags.DEFINE_bool("child", False, "internal: measure the profile shape's decode step only")
 flags.DEFINE_string("out", "", "JSON file for all results")
 
@@ -86,6 +94,16 @@ def random_prompts(config, batch: int, length: int) -> list[list[int]]:
 def ar_ms(module, params, prompts, prefill: float) -> float:
     return 1e3 * limits.ar_step_seconds(module, params, prompts, new_tokens=FLAGS.new_tokens,
                                         prefill=prefill, repeats=FLAGS.repeats)
+
+
+def newest_dump() -> str:
+    """The optimized HLO of the speculative loop compiled last (XLA writes one per compile)."""
+    files = glob.glob(os.path.join(FLAGS.xla_dump_dir, "*jit__generate*after_optimizations.txt"))
+    if not files:
+        raise FileNotFoundError(f"no *jit__generate*after_optimizations.txt in "
+                                f"{FLAGS.xla_dump_dir}: set XLA_FLAGS=--xla_dump_to=DIR")
+    with open(max(files, key=os.path.getmtime)) as f:
+        return f.read()
 
 
 def profile(target, prompts, prefill: float, drafter, dparams, trees: dict) -> dict:
@@ -105,7 +123,8 @@ def profile(target, prompts, prefill: float, drafter, dparams, trees: dict) -> d
         run = lambda: speculative.generate(target.module, target.params, prompts, drafter=drafter,
                                            drafter_params=dparams, tree=tree,
                                            max_new_tokens=FLAGS.new_tokens)
-        out[f"spec_{method}"] = limits.device_trace(run, steps=run().steps)
+        out[f"spec_{method}"] = limits.device_trace(
+            run, steps=run().steps, hlo_text=newest_dump if FLAGS.xla_dump_dir else None)
     for variant in filter(None, FLAGS.xla_variants.split(";")):
         label, xla_flags = variant.split("=", 1)
         env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}")

@@ -50,6 +50,25 @@ def test_device_trace_without_a_gpu_says_so():
     assert "error" in out
 
 
+def test_hlo_phases_from_named_scopes():
+    """A profiled kernel's phase comes from its instruction's op_name in the optimized HLO."""
+    hlo = "\n".join([
+        '  %fusion.7 = bf16[8] fusion(%p), metadata={op_name="jit(_generate)/while/body/verify/'
+        'Transformer/layers_0/self_attn/convert_element_type" stack_frame_id=1}',
+        '  ROOT %gemm_fusion_dot.2 = f32[4] fusion(%q), metadata={op_name="jit(_generate)/while/'
+        'body/draft/Transformer.logits/dot_general"}',
+        '  %loop_add_fusion = s32[8] fusion(%r), metadata={op_name="jit(_generate)/while/body/'
+        'add"}',
+        '  %wrapped_select = s32[8] fusion(%r), metadata={op_name="jit(_generate)/while/body/'
+        'jit(_where)/select_n"}',
+        '  %fusion.9 = f32[8] fusion(%s), metadata={op_name="jit(_generate)/Transformer/'
+        'layers_0/add"}',
+    ])
+    assert limits.hlo_phases(hlo) == {"fusion.7": "verify", "gemm_fusion_dot.2": "draft",
+                                      "loop_add_fusion": "loop", "wrapped_select": "loop",
+                                      "fusion.9": "outside"}
+
+
 def test_bench_grid_runs(tmp_path):
     """experiments/bench_grid.py on SmolLM2 with the committed drafter, 2 x 2 cells."""
     out = tmp_path / "grid.json"

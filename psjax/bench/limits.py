@@ -118,14 +118,32 @@ def spec_step_seconds(module: Transformer, params, prompts, drafter, drafter_par
 
 # ------------------------------------------------------------ where a decode step's time goes
 
-def device_trace(fn: Callable[[], Any], steps: int) -> dict[str, Any]:
+def hlo_phases(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> phase, from a compiled module's HLO text (an XLA dump's
+    `*after_optimizations.txt`): the first named scope inside the while loop's body (the
+    speculative engine's draft, verify, accept, commit), `loop` for the body's other ops,
+    `outside` for ops outside the loop (prefill)."""
+    phases = {}
+    for match in re.finditer(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', hlo_text,
+                             re.MULTILINE):
+        name, op = match.groups()
+        _, body, inner = op.partition("/while/body/")
+        scope = inner.split("/", 1)[0] if "/" in inner else "loop"
+        scope = "loop" if scope.startswith("jit(") else scope  # an inlined jnp function
+        phases[name] = scope if body else "outside"
+    return phases
+
+
+def device_trace(fn: Callable[[], Any], steps: int,
+                 hlo_text: Callable[[], str] | None = None) -> dict[str, Any]:
     """Kernels per step and device busy time per step, from a profiler trace of fn() (which
     runs `steps` steps): the kernels that take it, by kind (trailing numbers dropped) and by
     name. A kernel's name is its HLO instruction's (`fusion_1699` is `%fusion.1699`), whose
-    metadata in an XLA dump of the module (XLA_FLAGS=--xla_dump_to=DIR) names the op and its
-    jax.named_scope path, e.g. the speculative engine's draft/verify/accept/commit (the trace
-    itself does not carry it while XLA's command buffers are on). Empty where the trace has no
-    device kernels (CPU)."""
+    metadata names its op and jax.named_scope path; the trace does not carry that path while
+    XLA's command buffers are on, so `hlo_text` (called after fn() compiled: the module's
+    optimized HLO, e.g. from an XLA dump) gives the time per phase (`hlo_phases`; library
+    kernels such as cuBLAS GEMMs and TopK have no HLO name: `unattributed`). Empty where the
+    trace has no device kernels (CPU)."""
     fn()
     logdir = tempfile.mkdtemp(prefix="psjax_trace_")
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
@@ -155,10 +173,19 @@ def device_trace(fn: Callable[[], Any], steps: int) -> dict[str, Any]:
         kind = re.sub(r"[_.]?\d+$", "", name)
         kinds[kind] = kinds.get(kind, 0.0) + us
         names[name] = names.get(name, 0.0) + us
-    top = lambda d: {k: round(v / steps / 1e3, 4)
-                     for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:12]}
-    return {"kernels_per_step": len(kernels) / steps,
-            "busy_ms_per_step": busy / steps / 1e3,
-            "span_ms_per_step": (spans[-1][1] - spans[0][0]) / steps / 1e3,
-            "top_kernels_ms_per_step": top(kinds),
-            "top_named_kernels_ms_per_step": top(names)}
+    ms = lambda us: round(us / steps / 1e3, 4)
+    top = lambda d: {k: ms(v) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:12]}
+    out = {"kernels_per_step": len(kernels) / steps,
+           "busy_ms_per_step": busy / steps / 1e3,
+           "span_ms_per_step": (spans[-1][1] - spans[0][0]) / steps / 1e3,
+           "top_kernels_ms_per_step": top(kinds),
+           "top_named_kernels_ms_per_step": top(names)}
+    if hlo_text is not None:
+        phase_of = hlo_phases(hlo_text())
+        phases: dict[str, float] = {}
+        for name, us in names.items():
+            phase = phase_of.get(re.sub(r"_(\d+)$", r".\1", name),
+                                 phase_of.get(name, "unattributed"))
+            phases[phase] = phases.get(phase, 0.0) + us
+        out["phases_ms_per_step"] = top(phases)
+    return out
