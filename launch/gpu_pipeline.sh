@@ -10,6 +10,8 @@
 #   launch/gpu_pipeline.sh models                joins, checks and converts the GGUF files
 #   launch/gpu_pipeline.sh bench_ar MODEL        psjax vs transformers autoregressive tokens/s
 #   launch/gpu_pipeline.sh limits                floor, step times at 0.5B-13B shapes, projection
+#   launch/gpu_pipeline.sh profile [ARGS]        where a step's time goes at the 0.5B shape: AR and
+#                                                speculative steps traced, split by phase
 #   launch/gpu_pipeline.sh grid MODEL DRAFTER     batch x temperature throughput of each method
 #   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts (up
 #                                                to 4 turns each), packed into $OUT to keep
@@ -91,6 +93,13 @@ torch.__version__, jax.devices())" ;;
         --questions /tmp/spec_bench.jsonl --out "$OUT/bench_ar_$model.json" "$@" ;;
   limits)
     run python3 experiments/bench_limits.py --out "$OUT/limits.json" "$@" ;;
+  profile)
+    # The phase split reads the HLO XLA dumps as it compiles: no compilation cache here.
+    run env -u JAX_COMPILATION_CACHE_DIR \
+        XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_module_re=.*_generate.*" \
+        python3 experiments/bench_limits.py --shapes qwen2.5-0.5b \
+        --profile_shape qwen2.5-0.5b --xla_variants '' --xla_dump_dir /tmp/hlo \
+        --out "$OUT/profile.json" "$@" ;;
   grid)
     model=$1 drafter=$2; shift 2
     run python3 experiments/bench_grid.py --target "/tmp/models/$model" --drafter "$drafter" \
