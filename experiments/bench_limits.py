@@ -82,6 +82,8 @@ flags.DEFINE_bool("fused", True, "the target with fused q/k/v and gate/up (load_
 flags.DEFINE_string("xla_dump_dir", "", "the directory XLA_FLAGS' --xla_dump_to names (with "
                     "--xla_dump_hlo_module_re=.*_generate.*, and no JAX compilation cache): "
                     "splits each speculative step's kernel time by phase")
+flags.DEFINE_bool("profile_only", False, "only --profile_shape's profile (no floor, step "
+                  "times or projection)")
 flags.DEFINE_bool("child", False, "internal: measure the profile shape's decode step only")
 flags.DEFINE_string("out", "", "JSON file for all results")
 
@@ -125,6 +127,7 @@ def profile(target, prompts, prefill: float, drafter, dparams, trees: dict) -> d
                                            max_new_tokens=FLAGS.new_tokens)
         out[f"spec_{method}"] = limits.device_trace(
             run, steps=run().steps, hlo_text=newest_dump if FLAGS.xla_dump_dir else None)
+        print(json.dumps({f"spec_{method}": out[f"spec_{method}"]}), flush=True)
     for variant in filter(None, FLAGS.xla_variants.split(";")):
         label, xla_flags = variant.split("=", 1)
         env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}")
@@ -146,15 +149,17 @@ def measure_shape(name: str, bandwidth: float, taus: dict) -> dict:
     w_bytes = limits.param_bytes(target.params)
     kv = limits.kv_bytes(config, FLAGS.batch, FLAGS.context)
     prefill = limits.prefill_seconds(target.module, target.params, prompts, FLAGS.repeats)
-    row = {"weights_gb": w_bytes / 1e9, "kv_mb": kv / 1e6,
-           "floor_ms": 1e3 * (w_bytes + kv) / (bandwidth * 1e12), "prefill_ms": 1e3 * prefill,
-           "ar_ms": ar_ms(target.module, target.params, prompts, prefill)}
     drafter = parallelspec.build(parallelspec.ParallelSpecConfig(config, num_masks=FLAGS.k),
                                  target.module, dtype=jnp.bfloat16)
     dparams = parallelspec.init_params(drafter, jax.random.PRNGKey(1))
-    row["spec_ms"], row["verify_ms"], row["projection"] = {}, {}, {}
     trees = {"parallelspec": Tree.chain(FLAGS.chain or FLAGS.k + 1),
              "parallelspec_tree": Tree.parse(FLAGS.tree)}
+    if FLAGS.profile_only:
+        return {"profile": profile(target, prompts, prefill, drafter, dparams, trees)}
+    row = {"weights_gb": w_bytes / 1e9, "kv_mb": kv / 1e6,
+           "floor_ms": 1e3 * (w_bytes + kv) / (bandwidth * 1e12), "prefill_ms": 1e3 * prefill,
+           "ar_ms": ar_ms(target.module, target.params, prompts, prefill)}
+    row["spec_ms"], row["verify_ms"], row["projection"] = {}, {}, {}
     for method, tree in trees.items():
         step = functools.partial(limits.spec_step_seconds, target.module, target.params,
                                  prompts, tree=tree, new_tokens=FLAGS.new_tokens,
@@ -207,20 +212,23 @@ def main(argv):
         prefill = limits.prefill_seconds(target.module, target.params, prompts, FLAGS.repeats)
         print(json.dumps({"ar_ms": ar_ms(target.module, target.params, prompts, prefill)}))
         return
-    bandwidth = FLAGS.bandwidth_tbps or measure_bandwidth_tbps()
+    if FLAGS.profile_only and not FLAGS.profile_shape:
+        raise app.UsageError("--profile_only profiles --profile_shape: name one")
+    bandwidth = FLAGS.bandwidth_tbps or (0.0 if FLAGS.profile_only else measure_bandwidth_tbps())
     taus = read_taus(FLAGS.tau_from)
     results = {"card": card(), "jax": jax.__version__, "batch": FLAGS.batch,
                "context": FLAGS.context, "k": FLAGS.k, "chain": FLAGS.chain or FLAGS.k + 1,
                "tree": FLAGS.tree, "fused": FLAGS.fused,
                "bandwidth_tbps": bandwidth, "tau_from": FLAGS.tau_from, "taus": taus,
                "command": " ".join(sys.argv), "shapes": {}}
-    for name in FLAGS.shapes.split(","):
+    for name in [FLAGS.profile_shape] if FLAGS.profile_only else FLAGS.shapes.split(","):
         results["shapes"][name] = measure_shape(name, bandwidth, taus)
         if FLAGS.out:
             os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
             with open(FLAGS.out, "w") as f:
                 json.dump(results, f, indent=1)
-    print(table(results))
+    if not FLAGS.profile_only:
+        print(table(results))
     for name, r in results["shapes"].items():
         if "profile" in r:
             print(json.dumps({name: r["profile"]}, indent=1))
