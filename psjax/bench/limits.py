@@ -137,14 +137,15 @@ def hlo_phases(hlo_text: str) -> dict[str, str]:
 def device_trace(fn: Callable[[], Any], steps: int,
                  hlo_text: Callable[[], str] | None = None) -> dict[str, Any]:
     """Kernels per step and device busy time per step, from a profiler trace of fn() (which
-    runs `steps` steps; what runs once, such as a prompt pass, is spread over them too): the
-    kernels that take it, by kind (trailing numbers dropped) and by
-    name. A kernel's name is its HLO instruction's (`fusion_1699` is `%fusion.1699`), whose
-    metadata names its op and jax.named_scope path; the trace does not carry that path while
-    XLA's command buffers are on, so `hlo_text` (called after fn() compiled: the module's
-    optimized HLO, e.g. from an XLA dump) gives the time per phase (`hlo_phases`; library
-    kernels such as cuBLAS GEMMs and TopK have no HLO name: `unattributed`). Empty where the
-    trace has no device kernels (CPU)."""
+    runs `steps` steps; what runs once, such as a prompt pass, is spread over them too), and
+    the kernels that take it, by kind (trailing numbers dropped) and by name.
+
+    A kernel's name is its HLO instruction's (`fusion_1699` is `%fusion.1699`), whose metadata
+    names its op and jax.named_scope path; the trace does not carry that path while XLA's
+    command buffers are on, so `hlo_text` (called after fn() compiled: the module's optimized
+    HLO, e.g. from an XLA dump) gives the time per phase (`hlo_phases`; library kernels such as
+    cuBLAS GEMMs and TopK have no HLO name: `unattributed`). Empty where the trace has no
+    device kernels (CPU)."""
     fn()
     logdir = tempfile.mkdtemp(prefix="psjax_trace_")
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
