@@ -6,10 +6,15 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 from psjax.bench import limits
+from psjax.decoding import speculative
+from psjax.decoding.sampling import GREEDY
+from psjax.decoding.tree import Tree
+from psjax.drafters import parallelspec
 from psjax.models.config import ModelConfig
 from psjax.models.target import random_target
 
@@ -67,6 +72,22 @@ def test_hlo_phases_from_named_scopes():
     assert limits.hlo_phases(hlo) == {"fusion.7": "verify", "gemm_fusion_dot.2": "draft",
                                       "loop_add_fusion": "loop", "wrapped_select": "loop",
                                       "fusion.9": "outside"}
+
+
+def test_the_engine_names_its_phases_in_the_compiled_loop():
+    """The speculative loop's compiled HLO carries the draft/verify/accept/commit scopes that
+    a profile's phase split reads."""
+    target = random_target(ModelConfig.from_hf_dict(TINY))
+    drafter = parallelspec.build(parallelspec.ParallelSpecConfig(target.config, num_masks=2),
+                                 target.module)
+    tokens = jnp.ones((1, 8), jnp.int32)
+    compiled = speculative._generate.lower(
+        target.module, target.params, drafter,
+        parallelspec.init_params(drafter, jax.random.PRNGKey(0)), tokens, jnp.array([8]),
+        jax.random.PRNGKey(0), tree=Tree.chain(2), max_new_tokens=4, sampling=GREEDY,
+        eos_ids=(), cache_length=32, cache_dtype=jnp.float32).compile()
+    phases = set(limits.hlo_phases(compiled.as_text()).values())
+    assert {"draft", "verify", "accept", "commit", "outside"} <= phases, phases
 
 
 def test_bench_grid_runs(tmp_path):
