@@ -64,12 +64,18 @@ def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int,
     return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
 
 
+def anchor_positions(lengths, prompt_lengths, max_length: int):
+    """[B, L] where a group may be anchored: a real token from the last prompt token on, with at
+    least one real token after it (what drafting sees)."""
+    pos = jnp.arange(max_length)
+    return (pos[None] >= prompt_lengths[:, None] - 1) & (pos[None] <= lengths[:, None] - 2)
+
+
 def sample_anchors(rng, lengths, prompt_lengths, max_length: int, num_anchors: int):
-    """[B, G] anchor positions and their validity. An anchor is a real token from the last
-    prompt token on, with at least one real token after it: what drafting sees."""
+    """[B, G] anchor positions (`anchor_positions`) and their validity."""
     b = lengths.shape[0]
     pos = jnp.arange(max_length)
-    valid = (pos[None] >= prompt_lengths[:, None] - 1) & (pos[None] <= lengths[:, None] - 2)
+    valid = anchor_positions(lengths, prompt_lengths, max_length)
     if num_anchors >= max_length:
         return jnp.broadcast_to(pos, (b, max_length)), valid
     scores = jnp.where(valid, jax.random.uniform(rng, (b, max_length)), -1.0)
@@ -106,9 +112,15 @@ def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.Parallel
     predicted = anchors[:, :, None] + jnp.arange(1, depth + 1)  # [B, G, k+1] positions drafted
     valid = anchor_valid[:, :, None] & (predicted <= lengths[:, None, None] - 1)
     index = jnp.clip(predicted, 0, length - 1).reshape(b, -1)
-    # The target's distribution for the token at position p comes from position p - 1.
-    prev_hidden = jnp.take_along_axis(hidden, (index - 1)[:, :, None], axis=1)
-    p_logits = jax.lax.stop_gradient(head(prev_hidden)).reshape(q_logits.shape)
+    # The target's distribution for the token at position p comes from position p - 1. The
+    # dense term needs it at every position: then the groups' are gathered, not recomputed.
+    p_every = jax.lax.stop_gradient(head(hidden)) if loss.dense_weight else None
+    if p_every is None:
+        prev = jnp.take_along_axis(hidden, (index - 1)[:, :, None], axis=1)
+        p_logits = jax.lax.stop_gradient(head(prev))
+    else:
+        p_logits = jnp.take_along_axis(p_every, (index - 1)[:, :, None], axis=1)
+    p_logits = p_logits.reshape(q_logits.shape)
     labels = jnp.take_along_axis(tokens, index, axis=1).reshape(predicted.shape)
     per_token, kl, ce, agree = _distill(p_logits, q_logits, labels, loss.soft_weight,
                                         loss.hard_weight)
@@ -122,16 +134,14 @@ def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.Parallel
                # Chain acceptance if positions agreed independently: 1 + sum_m prod_{j<=m}.
                "tau_estimate": 1.0 + jnp.sum(jnp.cumprod(top1)),
                "num_predictions": weight.sum()}
-    if loss.dense_weight:
+    if p_every is not None:
         # Position j as the anchor: its output drafts the token at j + 1, which the target's
-        # output at j gives. Positions as sample_anchors allows them.
-        pos = jnp.arange(length)[None]
-        dense_valid = ((pos >= batch["prompt_lengths"][:, None] - 1)
-                       & (pos <= lengths[:, None] - 2)).astype(jnp.float32)
+        # output at j gives; at every position a group could be anchored.
+        dense_valid = anchor_positions(lengths, batch["prompt_lengths"], length).astype(
+            jnp.float32)
         next_tokens = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-        dense, dense_kl, _, dense_agree = _distill(
-            jax.lax.stop_gradient(head(hidden)), head(every), next_tokens, loss.soft_weight,
-            loss.hard_weight)
+        dense, dense_kl, _, dense_agree = _distill(p_every, head(every), next_tokens,
+                                                   loss.soft_weight, loss.hard_weight)
         mean = lambda x: jnp.sum(x * dense_valid) / jnp.maximum(dense_valid.sum(), 1.0)
         total = total + loss.dense_weight * mean(dense)
         metrics.update(loss=total, dense_kl=mean(dense_kl), dense_top1=mean(dense_agree))
