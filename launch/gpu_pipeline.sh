@@ -26,6 +26,7 @@
 #                                                distilled, the default, conversation or tasks), back
 #                                                to /tmp/KIND/MODEL (no distill run)
 #   launch/gpu_pipeline.sh train MODEL VARIANT [--config.x=y ...]   drafter training + export
+#                                                (RUN=NAME: its own workdir and export)
 #   DRY_RUN=1 launch/gpu_pipeline.sh STAGE ...   prints the commands instead of running them
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -121,13 +122,17 @@ torch.__version__, jax.devices())" ;;
   train)
     model=$1 variant=$2; shift 2
     # TIME_LIMIT=S stops training after S seconds; the export takes the last checkpoint.
+    # RUN=NAME keeps runs of one variant apart (an A/B in one call): workdir, export, metrics.
+    name=$model-$variant${RUN:+-$RUN}
     run timeout "${TIME_LIMIT:-0}" python3 experiments/train_drafter.py \
         --config "experiments/configs/parallelspec.py:$variant" \
         --config.target="/tmp/models/$model" --config.data.source=jsonl \
         --config.data.jsonl_dir="/tmp/distilled/$model" --config.spec_bench=/tmp/spec_bench.jsonl \
-        --workdir "/tmp/work/$model-$variant" \
+        --workdir "/tmp/work/$name" \
         --alsologtostderr "$@" || true
-    run python3 experiments/export_hf.py --workdir "/tmp/work/$model-$variant" \
-        --out "$OUT/drafter_$model" --dtype bfloat16 --max_shard_mb 15 ;;
+    run mkdir -p "$OUT"
+    run cp "/tmp/work/$name/metrics.jsonl" "$OUT/train_metrics_$name.jsonl"
+    run python3 experiments/export_hf.py --workdir "/tmp/work/$name" \
+        --out "$OUT/drafter_$model${RUN:+_$RUN}" --dtype bfloat16 --max_shard_mb 15 ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
