@@ -1,6 +1,7 @@
 """A decode step's time against the cache size, with attention written as multiply-and-sum (psjax's
 default up to `llama.MULTIPLY_SUM_PAIRS` queries x cache slots) and as matmuls
-(`--multiply_sum_pairs 0`): issue 2's
+(`--multiply_sum_pairs 0`; `--matmul_attention einsum,cudnn` also times the matmul form as one
+fused cuDNN kernel): issue 2's
 "find where the time between kernels goes". With --chains, also a speculative step verifying
 N + 1 queries (a prompt-lookup chain of N drafts: the verify cost, whatever is accepted).
 
@@ -36,6 +37,8 @@ flags.DEFINE_string("shape", "qwen2.5-0.5b", f"one of {sorted(limits.SHAPES)}")
 flags.DEFINE_list("contexts", ["2048", "512"], "prompt lengths (tokens already in the cache)")
 flags.DEFINE_list("multiply_sum_pairs", ["1000000", "0"], "llama.MULTIPLY_SUM_PAIRS values to "
                   "compare (0: matmuls; the recorded runs' few_queries 64 = 1000000 here)")
+flags.DEFINE_list("matmul_attention", ["einsum"], "llama.MATMUL_ATTENTION values to compare "
+                  "(einsum, xla, cudnn): how the matmul form runs")
 flags.DEFINE_list("chains", ["0"], "draft chain lengths N; 0 = the autoregressive step")
 flags.DEFINE_list("batch_sizes", ["1"], "rows per step")
 flags.DEFINE_integer("new_tokens", 256, "tokens generated per timed run")
@@ -51,29 +54,32 @@ def main(argv):
     for batch, context in itertools.product(map(int, FLAGS.batch_sizes),
                                             map(int, FLAGS.contexts)):
         prompts = np.random.default_rng(0).integers(0, 1000, (batch, context)).tolist()
-        prefill = limits.prefill_seconds(target.module, target.params, prompts)
-        for pairs in map(int, FLAGS.multiply_sum_pairs):
-            llama.MULTIPLY_SUM_PAIRS = pairs
+        for pairs, kernel in itertools.product(map(int, FLAGS.multiply_sum_pairs),
+                                               FLAGS.matmul_attention):
+            llama.MULTIPLY_SUM_PAIRS, llama.MATMUL_ATTENTION = pairs, kernel
             jax.clear_caches()  # the module is unchanged: recompile under the new setting
-            for chain in map(int, FLAGS.chains):
-                if chain == 0:
-                    ms = 1e3 * limits.ar_step_seconds(target.module, target.params, prompts,
-                                                      new_tokens=FLAGS.new_tokens, prefill=prefill)
-                    results["ar_ms"][f"batch {batch}, context {context}, "
-                                     f"multiply_sum_pairs {pairs}"] = ms
-                else:
-                    ms = 1e3 * limits.spec_step_seconds(
-                        target.module, target.params, prompts, PromptLookup(), None,
-                        Tree.chain(chain), new_tokens=FLAGS.new_tokens, prefill=prefill)
-                    key = (f"batch {batch}, context {context}, multiply_sum_pairs {pairs}, "
-                           f"chain {chain}")
-                    results["spec_ms"][key] = ms
-                print(f"batch {batch} context {context} multiply_sum_pairs {pairs} chain {chain}: "
-                      f"step {ms:.3f} ms", flush=True)
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump(results, f, indent=1)
-
+            setting = f"batch {batch}, context {context}, multiply_sum_pairs {pairs}, " \
+                      f"matmul_attention {kernel}"
+            try:  # a kernel this card or cuDNN lacks is recorded, and the others still run
+                prefill = limits.prefill_seconds(target.module, target.params, prompts)
+                for chain in map(int, FLAGS.chains):
+                    if chain == 0:
+                        ms = 1e3 * limits.ar_step_seconds(
+                            target.module, target.params, prompts, new_tokens=FLAGS.new_tokens,
+                            prefill=prefill)
+                        results["ar_ms"][setting] = ms
+                    else:
+                        ms = 1e3 * limits.spec_step_seconds(
+                            target.module, target.params, prompts, PromptLookup(), None,
+                            Tree.chain(chain), new_tokens=FLAGS.new_tokens, prefill=prefill)
+                        results["spec_ms"][f"{setting}, chain {chain}"] = ms
+                    print(f"{setting}, chain {chain}: step {ms:.3f} ms", flush=True)
+            except Exception as e:  # pylint: disable=broad-except
+                results.setdefault("errors", {})[setting] = f"{type(e).__name__}: {e}"[:2000]
+                print(f"{setting}: {type(e).__name__}: {e}"[:2000], flush=True)
+            if FLAGS.out:  # after every setting: a run cut short keeps what it measured
+                with open(FLAGS.out, "w") as f:
+                    json.dump(results, f, indent=1)
 
 if __name__ == "__main__":
     app.run(main)

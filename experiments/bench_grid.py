@@ -34,6 +34,7 @@ from psjax.bench.timing import card
 from psjax.data import spec_bench
 from psjax.decoding.sampling import Sampling
 from psjax.decoding.tree import Tree
+from psjax.models import llama
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +51,9 @@ flags.DEFINE_string("questions", os.path.join(_REPO, "..", "shared", "data", "sp
 flags.DEFINE_string("ps_tree", "4,2,2,1", "parallelspec_tree: branching per depth, or "
                     "FILE.json:N (experiments/design_tree.py's tree of N nodes)")
 flags.DEFINE_integer("pld_k", 10, "pld: chain length")
+flags.DEFINE_enum("matmul_attention", "einsum", ["einsum", "xla", "cudnn"],
+                  "llama.MATMUL_ATTENTION: how attention's matmul form (verify passes of a "
+                  "batch, prompt passes) runs; cudnn needs a GPU")
 flags.DEFINE_string("out", "", "JSON file for the results")
 
 
@@ -95,12 +99,14 @@ def main(argv):
                              f"pld_tree, parallelspec, parallelspec_tree, parallelspec_kN); "
                              f"got {bad}")
     batch_sizes = [int(b) for b in FLAGS.batch_sizes.split(",")]
+    llama.MATMUL_ATTENTION = FLAGS.matmul_attention
     hf_dir = hf_baselines.resolve_model(FLAGS.target)
     target = psjax.load_target(hf_dir, dtype=FLAGS.dtype)
     prompts = [target.chat_prompt(turns)
                for turns in spec_bench.first_turns(FLAGS.questions, max(batch_sizes))]
     results = {"card": card(), "jax": jax.__version__, "target": FLAGS.target,
                "dtype": FLAGS.dtype, "max_new_tokens": FLAGS.max_new_tokens,
+               "matmul_attention": FLAGS.matmul_attention,
                "command": " ".join(sys.argv), "cells": {}}
     for temperature in (float(t) for t in FLAGS.temperatures.split(",")):
         opts = specbench.Options(

@@ -67,6 +67,11 @@ def test_attention_paths_agree(monkeypatch):
         monkeypatch.setattr(llama, "MULTIPLY_SUM_PAIRS", pairs)
         outs.append(llama.attend(q, keys, values, mask, jnp.float32))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    # The matmul form through jax.nn.dot_product_attention (its XLA implementation here; the
+    # cuDNN one needs a GPU): same head grouping, same mask.
+    monkeypatch.setattr(llama, "MATMUL_ATTENTION", "xla")
+    fused = llama.attend(q, keys, values, mask, jnp.float32)
+    np.testing.assert_allclose(fused, outs[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])

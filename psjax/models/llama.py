@@ -100,13 +100,20 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
-# Attention of T queries over S cache slots runs as multiply-and-sum while T * S is at most this,
-# counting B * T * S for a verify pass (T > 1) over a batch (see attend). Measured on an H100,
+# Attention of T queries over S cache slots in B rows runs as multiply-and-sum while B * T * S is at
+# most this (see attend). Measured on an H100,
 # Qwen2.5-0.5B shapes, batch 1 (results/attention_h100/attention_verify_qwen05b.json):
 # multiply-and-sum is faster for T = 1 and 3 at 2,304 slots and up to T = 17 at 768, matmuls for
 # T = 11 and 17 at 2,304; the crossover is near 14k pairs. At batch 8 (results/profile_h100/) the
 # multiply-and-sum attention of a 17-node tree took 1.5 ms of a 3.6 ms step (H100, 2026-11-27).
+# The one-token step follows the same count (results/attention_h100/attention_cudnn_b8_b32.json,
+# context 512: multiply-and-sum 1.11 vs matmuls 1.14 ms at batch 8, 1.43 vs 1.25 ms at batch 32).
 MULTIPLY_SUM_PAIRS = 14_336
+# How the matmul form runs: "einsum" (two einsums around a softmax, XLA's batched GEMMs) or a
+# jax.nn.dot_product_attention implementation, "xla" or "cudnn" (one fused kernel; GPU,
+# bfloat16). cuDNN measured no better for verify passes (results/attention_h100/
+# attention_cudnn_b8_b32.json: 3% faster at 17 queries, 17% slower at 3, batch 8), so einsum.
+MATMUL_ATTENTION = "einsum"
 
 
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
@@ -123,12 +130,16 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
     passes MULTIPLY_SUM_PAIRS."""
     h = q.shape[-1]
     b, t, s = q.shape[0], q.shape[1], keys.shape[1]
-    # A one-token step keeps the batch-1 rule (the autoregressive baseline is unchanged).
-    few = (t if t == 1 else b * t) * s <= MULTIPLY_SUM_PAIRS
+    few = b * t * s <= MULTIPLY_SUM_PAIRS
     if few:
         q32 = jnp.moveaxis(q, 1, 3).astype(jnp.float32)  # [B, K, G, T, H]
         k32 = jnp.moveaxis(keys, 1, 2).astype(jnp.float32)  # [B, K, S, H]
         scores = jnp.sum(q32[:, :, :, :, None, :] * k32[:, :, None, None, :, :], axis=-1)
+    elif MATMUL_ATTENTION != "einsum":
+        out = jax.nn.dot_product_attention(
+            q.reshape(b, t, -1, h).astype(keys.dtype), keys, values, mask=mask[:, None],
+            implementation=MATMUL_ATTENTION)  # query head k * G + g reads kv head k, as here
+        return out.reshape(q.shape).astype(dtype)
     else:
         scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(keys.dtype), keys,
                             preferred_element_type=jnp.float32)
