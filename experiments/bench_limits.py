@@ -142,7 +142,7 @@ def profile(target, prompts, prefill: float, drafter, dparams, trees: dict) -> d
     return out
 
 
-def measure_shape(name: str, bandwidth: float, taus: dict) -> dict:
+def measure_shape(name: str, bandwidth: float | None, taus: dict) -> dict:
     config = limits.shape_config(name)
     target = random_target(config, dtype="bfloat16", fused=FLAGS.fused)
     prompts = random_prompts(config, FLAGS.batch, FLAGS.context)
@@ -214,7 +214,8 @@ def main(argv):
         return
     if FLAGS.profile_only and not FLAGS.profile_shape:
         raise app.UsageError("--profile_only profiles --profile_shape: name one")
-    bandwidth = FLAGS.bandwidth_tbps or (0.0 if FLAGS.profile_only else measure_bandwidth_tbps())
+    # A profile alone needs no floor: null in the JSON, not a bandwidth of 0.
+    bandwidth = FLAGS.bandwidth_tbps or (None if FLAGS.profile_only else measure_bandwidth_tbps())
     taus = read_taus(FLAGS.tau_from)
     results = {"card": card(), "jax": jax.__version__, "batch": FLAGS.batch,
                "context": FLAGS.context, "k": FLAGS.k, "chain": FLAGS.chain or FLAGS.k + 1,
