@@ -1,0 +1,58 @@
+"""The launchers' commands, as DRY_RUN=1 prints them (no GPU, TPU or cluster needed)."""
+
+import os
+import subprocess
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def dry_run(script, *args, **env):
+    out = subprocess.run(["bash", os.path.join(REPO, "launch", script), *args],
+                         env={**os.environ, "DRY_RUN": "1", **env}, capture_output=True,
+                         text=True, check=True)
+    return out.stdout
+
+
+def test_gpu_pipeline_train_keeps_named_runs_apart():
+    base = dry_run("gpu_pipeline.sh", "train", "qwen05b", "qwen05b", "--config.total_steps=9")
+    named = dry_run("gpu_pipeline.sh", "train", "qwen05b", "qwen05b", RUN="dense", OUT="/o")
+    assert "--workdir /tmp/work/qwen05b-qwen05b --alsologtostderr --config.total_steps=9" in base
+    assert "--workdir /tmp/work/qwen05b-qwen05b-dense" in named
+    assert "cp /tmp/work/qwen05b-qwen05b-dense/metrics.jsonl /o/train_metrics_qwen05b-qwen05b-dense.jsonl" in named
+    assert "--workdir /tmp/work/qwen05b-qwen05b-dense --out /o/drafter_qwen05b_dense" in named
+
+
+def test_gpu_pipeline_names_an_unknown_stage():
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "gpu_pipeline.sh"), "trian"],
+                            env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True)
+    assert result.returncode == 2 and "unknown stage trian" in result.stderr
+
+
+def test_multi_gpu_spreads_the_mesh_over_the_gpus():
+    out = dry_run("multi_gpu.sh", "smollm2", "/w", "--config.batch_size=64", NGPU="4")
+    assert "CUDA_VISIBLE_DEVICES=0,1,2,3" in out
+    assert "--config.mesh=(1,4,1) --config.num_devices=4 --workdir /w" in out
+    assert out.rstrip().endswith("--config.batch_size=64")
+
+
+def test_tpu_pod_runs_one_distributed_command_on_every_worker():
+    out = dry_run("tpu_pod.sh", "smollm2", "gs://b/w", TPU_NAME="pod", ZONE="z")
+    assert "gcloud compute tpus tpu-vm ssh pod --zone=z --worker=all" in out
+    assert "train_drafter.py --distributed" in out
+
+
+def test_slurm_runs_one_process_a_node_owning_its_gpus():
+    out = dry_run("slurm.sbatch", "smollm2", "/s", SLURM_JOB_NUM_NODES="2", GPUS_PER_NODE="8")
+    assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in out
+    assert "srun --nodes=2 --ntasks-per-node=1" in out
+    assert "--distributed --config experiments/configs/parallelspec.py:smollm2 " \
+           "--config.mesh=(2,-1,1) --workdir /s" in out
+
+
+@pytest.mark.parametrize("script", ["multi_gpu.sh", "tpu_pod.sh"])
+def test_launchers_name_their_usage(script):
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", script)],
+                            env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True)
+    assert result.returncode != 0 and f"usage: launch/{script}" in result.stderr
