@@ -81,5 +81,6 @@ def main(argv):
                 with open(FLAGS.out, "w") as f:
                     json.dump(results, f, indent=1)
 
+
 if __name__ == "__main__":
     app.run(main)

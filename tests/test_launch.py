@@ -8,11 +8,14 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def launch(script, *args, check=True, **env):
+    return subprocess.run(["bash", os.path.join(REPO, "launch", script), *args],
+                          env={**os.environ, "DRY_RUN": "1", **env}, capture_output=True,
+                          text=True, check=check)
+
+
 def dry_run(script, *args, **env):
-    out = subprocess.run(["bash", os.path.join(REPO, "launch", script), *args],
-                         env={**os.environ, "DRY_RUN": "1", **env}, capture_output=True,
-                         text=True, check=True)
-    return out.stdout
+    return launch(script, *args, **env).stdout
 
 
 def test_gpu_pipeline_train_keeps_named_runs_apart():
@@ -20,13 +23,13 @@ def test_gpu_pipeline_train_keeps_named_runs_apart():
     named = dry_run("gpu_pipeline.sh", "train", "qwen05b", "qwen05b", RUN="dense", OUT="/o")
     assert "--workdir /tmp/work/qwen05b-qwen05b --alsologtostderr --config.total_steps=9" in base
     assert "--workdir /tmp/work/qwen05b-qwen05b-dense" in named
-    assert "cp /tmp/work/qwen05b-qwen05b-dense/metrics.jsonl /o/train_metrics_qwen05b-qwen05b-dense.jsonl" in named
+    assert ("cp /tmp/work/qwen05b-qwen05b-dense/metrics.jsonl "
+            "/o/train_metrics_qwen05b-qwen05b-dense.jsonl") in named
     assert "--workdir /tmp/work/qwen05b-qwen05b-dense --out /o/drafter_qwen05b_dense" in named
 
 
 def test_gpu_pipeline_names_an_unknown_stage():
-    result = subprocess.run(["bash", os.path.join(REPO, "launch", "gpu_pipeline.sh"), "trian"],
-                            env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True)
+    result = launch("gpu_pipeline.sh", "trian", check=False)
     assert result.returncode == 2 and "unknown stage trian" in result.stderr
 
 
@@ -53,6 +56,5 @@ def test_slurm_runs_one_process_a_node_owning_its_gpus():
 
 @pytest.mark.parametrize("script", ["multi_gpu.sh", "tpu_pod.sh"])
 def test_launchers_name_their_usage(script):
-    result = subprocess.run(["bash", os.path.join(REPO, "launch", script)],
-                            env={**os.environ, "DRY_RUN": "1"}, capture_output=True, text=True)
+    result = launch(script, check=False)
     assert result.returncode != 0 and f"usage: launch/{script}" in result.stderr

@@ -100,9 +100,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return x * cos + rotated * sin
 
 
-# Attention of T queries over S cache slots in B rows runs as multiply-and-sum while B * T * S is at
-# most this (see attend). Measured on an H100,
-# Qwen2.5-0.5B shapes, batch 1 (results/attention_h100/attention_verify_qwen05b.json):
+# Attention of T queries over S cache slots in B rows runs as multiply-and-sum while B * T * S is
+# at most this (see attend). Measured on an H100, Qwen2.5-0.5B shapes, batch 1
+# (results/attention_h100/attention_verify_qwen05b.json):
 # multiply-and-sum is faster for T = 1 and 3 at 2,304 slots and up to T = 17 at 768, matmuls for
 # T = 11 and 17 at 2,304; the crossover is near 14k pairs. At batch 8 (results/profile_h100/) the
 # multiply-and-sum attention of a 17-node tree took 1.5 ms of a 3.6 ms step (H100, 2026-11-27).
@@ -126,8 +126,8 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
     stay fused only while small (XLA's GPU compiler rewrites a dot under 10^6 multiply-adds as a
     reduction); past that (a cache of ~1,100 slots for Qwen2.5-0.5B) each becomes a batched GEMM
     of 7 rows with transposes around it. But the reduction reads the keys and values once per
-    query, so it loses to the GEMM once queries x slots (x rows, in a verify pass over a batch)
-    passes MULTIPLY_SUM_PAIRS."""
+    query, so it loses to the GEMM once rows x queries x slots passes MULTIPLY_SUM_PAIRS; the
+    GEMMs run as two einsums or, by MATMUL_ATTENTION, jax.nn.dot_product_attention."""
     h = q.shape[-1]
     b, t, s = q.shape[0], q.shape[1], keys.shape[1]
     few = b * t * s <= MULTIPLY_SUM_PAIRS
