@@ -55,17 +55,17 @@ flags.DEFINE_multi_string("branching", ["4,2,2,1"], "a branching tree to compare
 flags.DEFINE_string("out", "", "JSON file: the designed trees' paths and every tau")
 
 
-def answers(target, questions) -> list[tuple[list[int], int]]:
-    """(prompt + greedy answer token ids, prompt length) per question that fits."""
-    prompts = [target.chat_prompt(q["turns"][:1]) for q in questions]
-    prompts = [p for p in prompts if len(p) <= FLAGS.max_prompt_tokens]
+def answers(target, questions) -> list[tuple[list[int], int, str]]:
+    """(prompt + greedy answer token ids, prompt length, category) per question that fits."""
+    prompts = [(target.chat_prompt(q["turns"][:1]), q["category"]) for q in questions]
+    prompts = [(p, c) for p, c in prompts if len(p) <= FLAGS.max_prompt_tokens]
     out = []
     for i in range(0, len(prompts), FLAGS.batch_size):
         batch = prompts[i:i + FLAGS.batch_size]
-        gen = autoregressive.generate(target.module, target.params, batch,
+        gen = autoregressive.generate(target.module, target.params, [p for p, _ in batch],
                                       max_new_tokens=FLAGS.max_new_tokens,
                                       eos_ids=target.eos_ids)
-        out += [(p + s, len(p)) for p, s in zip(batch, gen.sequences())]
+        out += [(p + s, len(p), c) for (p, c), s in zip(batch, gen.sequences())]
     return out
 
 
@@ -92,12 +92,13 @@ def _candidates(target_params, drafter_params, tokens, anchors, length, *, targe
     return jax.lax.top_k(logits[0], width)[1]
 
 
-def draft_ranks(target, drafter, dparams, texts) -> np.ndarray:
+def draft_ranks(target, drafter, dparams, texts) -> tuple[np.ndarray, np.ndarray]:
     """[N, D]: at each answer position, the rank of the target's token at each depth among the
-    drafter's candidates (-1: not among the top --width, or past the end)."""
+    drafter's candidates (-1: not among the top --width, or past the end); [N]: its text's
+    category."""
     depth = drafter.config.draft_length
-    rows = []
-    for tokens, prompt_length in texts:
+    rows, categories = [], []
+    for tokens, prompt_length, category in texts:
         anchors = np.arange(prompt_length - 1, len(tokens) - 1)
         cands = np.asarray(_candidates(
             target.params, dparams, jnp.asarray(_pad(np.asarray(tokens), TOKEN_BUCKET)[None]),
@@ -113,7 +114,8 @@ def draft_ranks(target, drafter, dparams, texts) -> np.ndarray:
                     break
                 row[d] = hit[0]
             rows.append(row)
-    return np.stack(rows)
+        categories += [category] * len(anchors)
+    return np.stack(rows), np.asarray(categories)
 
 
 def main(argv):
@@ -126,17 +128,18 @@ def main(argv):
     for q in both:  # by question id within each category: the first half is measured on
         seen[q["category"]] = seen.get(q["category"], 0) + 1
         (measure if seen[q["category"]] <= FLAGS.per_category else design).append(q)
-    ranks = {name: draft_ranks(target, drafter, dparams, answers(target, qs))
-             for name, qs in (("measure", measure), ("design", design))}
+    ranks, categories = {}, {}
+    for name, qs in (("measure", measure), ("design", design)):
+        ranks[name], categories[name] = draft_ranks(target, drafter, dparams, answers(target, qs))
     depth = drafter.config.draft_length
-    trees = {f"chain {k}": Tree.chain(k) for k in (1, 2, 4, depth)}
+    trees = {f"chain {k}": Tree.chain(k) for k in sorted({1, 2, 4, 6, 8, depth}) if k <= depth}
     trees.update({f"branching {b}": Tree.parse(b) for b in FLAGS.branching})
     designed = {int(n): Tree.design(ranks["design"], int(n)) for n in FLAGS.num_nodes}
     trees.update({f"designed {n}": t for n, t in designed.items()})
     results = {"target": FLAGS.target, "drafter": FLAGS.drafter, "dtype": FLAGS.dtype,
                "command": " ".join(sys.argv), "positions": {k: len(v) for k, v in ranks.items()},
-               "tau": {}, "designed": {n: [list(p) for p in t.paths]
-                                       for n, t in designed.items()}}
+               "tau": {}, "tau_per_category": {}, "designed": {n: [list(p) for p in t.paths]
+                                                       for n, t in designed.items()}}
     print(f"drafting positions: {results['positions']}")
     print("| tree | nodes | tau (measured questions) | tau (design questions) |")
     print("| --- | --- | --- | --- |")
@@ -144,6 +147,14 @@ def main(argv):
         taus = [tree.accepted_per_step(ranks[s]) for s in ("measure", "design")]
         results["tau"][name] = {"nodes": tree.num_nodes, "measure": taus[0], "design": taus[1]}
         print(f"| {name} | {tree.num_nodes} | {taus[0]:.3f} | {taus[1]:.3f} |")
+    names = list(dict.fromkeys(categories["measure"]))  # Spec-Bench's order
+    print(f"\ntau per category (measured questions)\n| tree | {' | '.join(names)} |")
+    print("| --- |" + " --- |" * len(names))
+    for name, tree in trees.items():
+        taus = {c: tree.accepted_per_step(ranks["measure"][categories["measure"] == c])
+                for c in names}
+        results["tau_per_category"][name] = taus
+        print(f"| {name} | " + " | ".join(f"{taus[c]:.3f}" for c in names) + " |")
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(results, f, indent=1)
