@@ -114,11 +114,16 @@ def test_dense_first_draft_loss_trains(tmp_path):
 
 
 def test_holdout_is_never_trained_on_and_measured(tmp_path):
+    # Two sets one after the other (data.jsonl_dir A,B): the held-out sample is drawn from both.
     source = [{"tokens": np.arange(i, i + 6), "prompt_length": 2} for i in range(21)]
     train, held = data.split_holdout(source, 9, batch_size=4, max_length=8)
     assert len(train) == 13 and len(held) == 2  # 9 rounded down to two batches of 4
-    assert [int(train[i]["tokens"][0]) for i in range(len(train))] == list(range(13))
-    assert held[0]["tokens"][:, 0].tolist() == [13, 14, 15, 16]
+    trained = [int(train[i]["tokens"][0]) for i in range(len(train))]
+    held_out = np.concatenate([b["tokens"][:, 0] for b in held]).tolist()
+    assert sorted(trained + held_out) == list(range(21))
+    assert min(held_out) < 10 <= max(held_out)
+    again = data.split_holdout(source, 9, batch_size=4, max_length=8)  # seeded: resumes alike
+    assert [int(again[0][i]["tokens"][0]) for i in range(13)] == trained
     assert data.split_holdout(source, 0, batch_size=4, max_length=8)[1] == []
 
     config = _tiny_config(eval_every=20)  # = total_steps: one evaluation, at the end

@@ -3,7 +3,8 @@
 An example is a dict with `tokens` (prompt + answer ids) and `prompt_length`. Any random-access
 source works: a TFDS ArrayRecord data source (psjax.data.builders.SelfDistilled) or a list. The
 order is a fixed permutation per epoch, so a position (examples consumed) names the next batch.
-`split_holdout` keeps the last examples out of training, to measure on data never trained on.
+`split_holdout` keeps a seeded random sample out of training, to measure on data never
+trained on.
 """
 
 from __future__ import annotations
@@ -27,29 +28,33 @@ def collate(examples: Sequence[dict], max_length: int, pad_id: int = 0) -> dict:
     return {"tokens": tokens, "lengths": lengths, "prompt_lengths": prompt_lengths}
 
 
-class _Range(Sequence):
-    """source[start:stop] without copying (a TFDS data source does not slice)."""
+class _Subset(Sequence):
+    """source[indices] without copying (a TFDS data source does not slice)."""
 
-    def __init__(self, source: Sequence[Any], start: int, stop: int):
-        self.source, self.start, self.stop = source, start, stop
+    def __init__(self, source: Sequence[Any], indices: np.ndarray):
+        self.source, self.indices = source, indices
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return len(self.indices)
 
     def __getitem__(self, i: int) -> Any:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        return self.source[self.start + i]
+        return self.source[int(self.indices[i])]
 
 
-def split_holdout(source: Sequence[Any], num: int, batch_size: int, max_length: int
-                  ) -> tuple[Sequence[Any], list[dict]]:
-    """(training examples, held-out batches): the last `num` examples, rounded down to whole
-    batches, are collated once and never trained on."""
+def split_holdout(source: Sequence[Any], num: int, batch_size: int, max_length: int,
+                  seed: int = 0) -> tuple[Sequence[Any], list[dict]]:
+    """(training examples, held-out batches): `num` examples drawn at random (seeded), rounded
+    down to whole batches, are collated once and never trained on. Drawn from the whole source,
+    not its tail, so that a mix of sets (data.jsonl_dir A,B,C, concatenated in that order) is
+    held out in its proportions: the tail would be the last set alone."""
     num = (min(num, len(source) - 1) // batch_size) * batch_size if num > 0 else 0
-    held = _Range(source, len(source) - num, len(source))
-    return (_Range(source, 0, len(source) - num),
-            [collate([held[i] for i in range(b, b + batch_size)], max_length)
+    # A stream of its own: `batches` seeds its epochs with [seed, epoch].
+    held = np.sort(np.random.default_rng([seed, 2**32 - 1]).choice(len(source), num,
+                                                                   replace=False))
+    return (_Subset(source, np.setdiff1d(np.arange(len(source)), held)),
+            [collate([source[int(i)] for i in held[b:b + batch_size]], max_length)
              for b in range(0, num, batch_size)])
 
 

@@ -114,7 +114,7 @@ def train(config, workdir: str, on_metrics=None) -> tuple[trainer_lib.Trainer, l
     trainer = trainer_lib.Trainer(train_config, target, drafter_config, target_name,
                                   compute_dtype=DTYPES[config.compute_dtype])
     source, holdout = data.split_holdout(make_source(config, target), config.data.holdout,
-                                         config.batch_size, config.max_length)
+                                         config.batch_size, config.max_length, config.seed)
     logging.info("target %s (%.1fM params), drafter k=%d %s, %d training sequences, %d held out",
                  target_name[:60], target.config.num_params() / 1e6, drafter_config.num_masks,
                  drafter_config.input_mode, len(source), len(holdout) * config.batch_size)
