@@ -113,6 +113,28 @@ def test_dense_first_draft_loss_trains(tmp_path):
     assert 0.0 <= history[-1]["dense_top1"] <= 1.0 and history[-1]["dense_kl"] > 0
 
 
+def test_depth_decay_weighs_the_drafts(tiny_target):
+    """depth_decay 1 averages every draft alike; 0 trains the first draft alone: the loss is then
+    the first draft's soft + hard terms."""
+    from psjax.training import trainer as trainer_lib
+    module, params = tiny_target
+    drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=3), module)
+    dparams = ps.init_params(drafter, jax.random.PRNGKey(0))
+    tokens = np.random.RandomState(1).randint(0, 64, (2, 24)).astype(np.int32)
+    batch = {"tokens": jnp.asarray(tokens), "lengths": jnp.array([24, 20]),
+             "prompt_lengths": jnp.array([4, 6])}
+    losses = {}
+    for decay in (1.0, 0.0):
+        config = trainer_lib.LossConfig(soft_weight=1.0, hard_weight=0.5, num_anchors=8,
+                                        depth_decay=decay)
+        losses[decay] = trainer_lib.loss_fn(dparams, params, batch, jax.random.PRNGKey(2),
+                                            drafter=drafter, loss=config)
+    (all_drafts, metrics), (first_only, _) = losses[1.0], losses[0.0]
+    per_draft = np.asarray(metrics["kl"]) + 0.5 * np.asarray(metrics["ce"])
+    np.testing.assert_allclose(first_only, per_draft[0], rtol=1e-5)
+    assert not np.isclose(all_drafts, first_only)
+
+
 def test_holdout_is_never_trained_on_and_measured(tmp_path):
     # Two sets one after the other (data.jsonl_dir A,B): the held-out sample is drawn from both.
     source = [{"tokens": np.arange(i, i + 6), "prompt_length": 2} for i in range(21)]

@@ -50,7 +50,7 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
     c.clip_norm = 1.0
     c.grad_accum = 1
     c.loss = ml_collections.ConfigDict(dict(soft_weight=1.0, hard_weight=0.1, num_anchors=64,
-                                            dense_weight=0.0))
+                                            dense_weight=0.0, depth_decay=1.0))
     c.seed = 0
     c.mesh = (1, -1, 1)  # data, fsdp, tensor; -1 takes the remaining devices
     c.num_devices = 0  # 0: every device JAX sees

@@ -50,6 +50,11 @@ class LossConfig:
     # at the sampled anchors, as EAGLE trains its drafter: this weight times its soft and hard
     # terms, averaged over positions, is added to the loss.
     dense_weight: float = 0.0
+    # Draft d (0 = the first) weighs depth_decay ** d in the loss (Medusa weighs its heads
+    # 0.8 ** d); 1.0 weighs all drafts alike. With k + 1 drafts averaged alike, the first two
+    # carry 2 / (k + 1) of the loss, and drafters with fewer masks drafted them better
+    # (docs/parallelspec.md, "k trained apart").
+    depth_decay: float = 1.0
 
 
 def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int,
@@ -125,7 +130,8 @@ def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.Parallel
     per_token, kl, ce, agree = _distill(p_logits, q_logits, labels, loss.soft_weight,
                                         loss.hard_weight)
     weight = valid.astype(jnp.float32)
-    total = jnp.sum(per_token * weight) / jnp.maximum(weight.sum(), 1.0)
+    depth_weight = weight * loss.depth_decay ** jnp.arange(depth, dtype=jnp.float32)
+    total = jnp.sum(per_token * depth_weight) / jnp.maximum(depth_weight.sum(), 1e-9)
 
     per_position = lambda x: jnp.sum(x * weight, axis=(0, 1)) / jnp.maximum(
         weight.sum(axis=(0, 1)), 1.0)
