@@ -3,10 +3,14 @@
 # package index and no model hub (see ../shared/docs/GPU.md): each stage is one call; /tmp keeps
 # what earlier stages left while the machine stays up.
 #
+#   launch/gpu_pipeline.sh split NAME            HERE, not there (PYTHON=.venv/bin/python): the
+#                                                registry model NAME (smol, qwen05, qwen15) cut
+#                                                into .up/NAME.partNN.d/, 40 MiB each (a carry is
+#                                                64 MiB with the ~13 MB working tree)
 #   launch/gpu_pipeline.sh setup                 wheels from .whl/ -> /tmp/site, versions, card
 #   launch/gpu_pipeline.sh piece DIR             copies the carried piece .up/DIR/ to /tmp/stage
 #                                                (only that one: a warm machine keeps earlier
-#                                                carries; pieces of 40 MB leave room for the tree)
+#                                                carries), one call per piece, then `models`
 #   launch/gpu_pipeline.sh models                joins, checks and converts the GGUF files
 #   launch/gpu_pipeline.sh bench_ar MODEL        psjax vs transformers autoregressive tokens/s
 #   launch/gpu_pipeline.sh limits                floor, step times at 0.5B-13B shapes, projection
@@ -61,9 +65,19 @@ declare -A GGUF_SHA=(
   [qwen15]=cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
 )
 declare -A MODEL_OF=([smol]=smollm2 [qwen05]=qwen05b [qwen15]=qwen15b)
+declare -A REGISTRY_OF=([smol]=smollm2-135m-instruct [qwen05]=qwen2.5-coder-0.5b-instruct
+                        [qwen15]=qwen2.5-coder-1.5b-instruct)
 
 stage=${1:?stage}; shift
 case $stage in
+  split)
+    name=${1:?split NAME: smol, qwen05 or qwen15}
+    [[ -n ${REGISTRY_OF[$name]:-} ]] || { echo "split: unknown model $name" >&2; exit 2; }
+    # The registry prints the converted directory last; model.gguf sits beside it.
+    run bash -c "rm -rf .up/$name.part* && mkdir -p .up && \
+dir=\$(${PYTHON:-python3} -m psjax.convert.registry --model ${REGISTRY_OF[$name]} | tail -n 1) && \
+split -b 40M -d -a 2 \"\$(dirname \"\$dir\")/model.gguf\" .up/$name.part && \
+for p in .up/$name.part??; do mkdir -p \$p.d && mv \$p \$p.d/; done && ls -d .up/$name.part*.d" ;;
   setup)
     run python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl

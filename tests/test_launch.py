@@ -28,6 +28,14 @@ def test_gpu_pipeline_train_keeps_named_runs_apart():
     assert "--workdir /tmp/work/qwen05b-qwen05b-dense --out /o/drafter_qwen05b_dense" in named
 
 
+def test_gpu_pipeline_splits_a_registry_model_into_carriable_pieces():
+    out = dry_run("gpu_pipeline.sh", "split", "qwen05", PYTHON="py")
+    assert "py -m psjax.convert.registry --model qwen2.5-coder-0.5b-instruct" in out
+    assert "split -b 40M -d -a 2" in out and ".up/qwen05.part" in out
+    result = launch("gpu_pipeline.sh", "split", "qwen7", check=False)
+    assert result.returncode == 2 and "unknown model qwen7" in result.stderr
+
+
 def test_gpu_pipeline_names_an_unknown_stage():
     result = launch("gpu_pipeline.sh", "trian", check=False)
     assert result.returncode == 2 and "unknown stage trian" in result.stderr
