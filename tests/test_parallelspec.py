@@ -20,7 +20,7 @@ from psjax.models.llama import Transformer
 
 sys.path.insert(0, "experiments")
 from configs import parallelspec as configs  # noqa: E402
-from psjax.training import checkpoint, data, experiment  # noqa: E402
+from psjax.training import checkpoint, data, experiment, trainer as trainer_lib  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,6 @@ def test_dense_first_draft_loss_trains(tmp_path):
 def test_depth_decay_weighs_the_drafts(tiny_target):
     """depth_decay 1 averages every draft alike; 0 trains the first draft alone: the loss is then
     the first draft's soft + hard terms."""
-    from psjax.training import trainer as trainer_lib
     module, params = tiny_target
     drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=3), module)
     dparams = ps.init_params(drafter, jax.random.PRNGKey(0))
