@@ -75,6 +75,22 @@ def test_attention_paths_agree(monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])
+def test_causal_attention_implementation_computes_the_same(variant):
+    """A pass over whole sequences (the trainer's target pass) through
+    jax.nn.dot_product_attention's causal mode (its XLA implementation here; cuDNN's on a GPU)
+    gives the einsum form's hidden states and logits."""
+    _, path = tiny_models.make(variant)
+    config, params = hf.load_hf_dir(path)
+    tokens = jnp.asarray(np.random.RandomState(6).randint(0, config.vocab_size, (2, 24)))
+    positions = jnp.broadcast_to(jnp.arange(24), tokens.shape)
+    plain = Transformer(config).apply({"params": params}, tokens, positions)
+    causal = Transformer(config, causal_attention="xla").apply({"params": params}, tokens,
+                                                               positions)
+    np.testing.assert_allclose(causal.hidden, plain.hidden, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(causal.logits, plain.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])
 def test_export_round_trip(variant):
     model, path = tiny_models.make(variant, seed=3)
     config, params = hf.load_hf_dir(path)

@@ -135,7 +135,8 @@ def hlo_phases(hlo_text: str) -> dict[str, str]:
 
 
 def device_trace(fn: Callable[[], Any], steps: int,
-                 hlo_text: Callable[[], str] | None = None) -> dict[str, Any]:
+                 hlo_text: Callable[[], str] | None = None,
+                 phase_of: Callable[[str], dict[str, str]] = hlo_phases) -> dict[str, Any]:
     """Kernels per step and device busy time per step, from a profiler trace of fn() (which
     runs `steps` steps; what runs once, such as a prompt pass, is spread over them too), and
     the kernels that take it, by kind (trailing numbers dropped) and by name.
@@ -144,8 +145,8 @@ def device_trace(fn: Callable[[], Any], steps: int,
     names its op and jax.named_scope path; the trace does not carry that path while XLA's
     command buffers are on, so `hlo_text` (called after fn() compiled: the module's optimized
     HLO, e.g. from an XLA dump) gives the time per phase (`hlo_phases`; library kernels such as
-    cuBLAS GEMMs and TopK have no HLO name: `unattributed`). Empty where the trace has no
-    device kernels (CPU)."""
+    cuBLAS GEMMs and TopK have no HLO name: `unattributed`); `phase_of` maps that text to
+    instruction name -> phase. Empty where the trace has no device kernels (CPU)."""
     fn()
     logdir = tempfile.mkdtemp(prefix="psjax_trace_")
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
@@ -183,11 +184,11 @@ def device_trace(fn: Callable[[], Any], steps: int,
            "top_kernels_ms_per_step": top(kinds),
            "top_named_kernels_ms_per_step": top(names)}
     if hlo_text is not None:
-        phase_of = hlo_phases(hlo_text())
+        phase_by_name = phase_of(hlo_text())
         phases: dict[str, float] = {}
         for name, us in names.items():
-            phase = phase_of.get(re.sub(r"_(\d+)$", r".\1", name),
-                                 phase_of.get(name, "unattributed"))
+            phase = phase_by_name.get(re.sub(r"_(\d+)$", r".\1", name),
+                                      phase_by_name.get(name, "unattributed"))
             phases[phase] = phases.get(phase, 0.0) + us
         out["phases_ms_per_step"] = top(phases)
     return out

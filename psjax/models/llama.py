@@ -116,10 +116,14 @@ MULTIPLY_SUM_PAIRS = 14_336
 MATMUL_ATTENTION = "einsum"
 
 
-def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
-           dtype) -> jax.Array:
+def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | None,
+           dtype, causal: str = "einsum") -> jax.Array:
     """Softmax attention of q [B, T, K, G, H] over keys, values [B, S, K, H] where mask [B, T, S]
     allows; returns [B, T, K, G, H] in `dtype`. Scores and sums accumulate in float32.
+
+    mask None: causal attention of T tokens among themselves (no cache), by
+    jax.nn.dot_product_attention's `causal` implementation ("xla" or "cudnn", cuDNN's flash
+    attention: the [T, T] scores never reach memory). See Transformer.causal_attention.
 
     For a few queries against a long cache the products are written as multiply-and-sum, which
     XLA fuses into one reduction per product whatever the cache size. Written as matmuls, they
@@ -130,6 +134,10 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
     GEMMs run as two einsums or, by MATMUL_ATTENTION, jax.nn.dot_product_attention."""
     h = q.shape[-1]
     b, t, s = q.shape[0], q.shape[1], keys.shape[1]
+    if mask is None:
+        out = jax.nn.dot_product_attention(q.reshape(b, t, -1, h).astype(keys.dtype), keys,
+                                           values, is_causal=True, implementation=causal)
+        return out.reshape(q.shape).astype(dtype)
     few = b * t * s <= MULTIPLY_SUM_PAIRS
     if few:
         q32 = jnp.moveaxis(q, 1, 3).astype(jnp.float32)  # [B, K, G, T, H]
@@ -158,10 +166,12 @@ class Attention(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     fused: bool = False
+    causal_attention: str = "einsum"  # see Transformer
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_kv=None, starts=None):
-        """x [B, T, D]; mask [B, T, S] (S = T without a cache). Returns (out, (k, v))."""
+        """x [B, T, D]; mask [B, T, S] (S = T without a cache), or None: causal among the T
+        tokens, without a cache (`attend`). Returns (out, (k, v))."""
         c = self.config
         b, t, _ = x.shape
         n, k_heads, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -182,7 +192,8 @@ class Attention(nn.Module):
             new_kv = (keys, values)
 
         q = q.reshape(b, t, k_heads, n // k_heads, h)  # [B, T, K, G, H]
-        out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), mask, self.dtype)
+        out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), mask, self.dtype,
+                     self.causal_attention)
         out = out.reshape(b, t, n * h)
         # Into the float32 residual stream (DecoderLayer) without a bfloat16 rounding.
         out, = _project(self, out, ("o_proj",), (c.hidden_size,), (("heads", "embed"),),
@@ -211,6 +222,7 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     fused: bool = False
+    causal_attention: str = "einsum"  # see Transformer
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_kv=None, starts=None):
@@ -223,7 +235,8 @@ class DecoderLayer(nn.Module):
         a decode step."""
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = x.astype(jnp.float32)
-        attn_out, new_kv = Attention(c, name="self_attn", fused=self.fused, **kw)(
+        attn_out, new_kv = Attention(c, name="self_attn", fused=self.fused,
+                                     causal_attention=self.causal_attention, **kw)(
             RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), positions, mask,
             cache_kv, starts)
         x = x + attn_out
@@ -254,19 +267,26 @@ class Output(NamedTuple):
 
 class Transformer(nn.Module):
     """The target decoder. `dtype` is the compute dtype, `param_dtype` the weights'. `fused`:
-    q/k/v and gate/up each as one matmul (same parameters; for decoding, see `_project`)."""
+    q/k/v and gate/up each as one matmul (same parameters; for decoding, see `_project`).
+    `causal_attention`: how a pass without a cache and without a block mask (the trainer's
+    target pass over whole sequences) attends: "einsum" as every other pass (`attend`), or a
+    jax.nn.dot_product_attention implementation, "xla" or "cudnn" (GPU: flash attention; on an
+    H100 the einsum form's [T, T] softmax was most of the target pass's non-matmul time,
+    experiments/bench_train.py)."""
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     fused: bool = False
+    causal_attention: str = "einsum"
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.embed_tokens = nn.Embed(
             c.vocab_size, c.hidden_size, name="embed_tokens", **kw,
             embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
-        self.layers = [DecoderLayer(c, name=f"layers_{i}", fused=self.fused, **kw)
+        self.layers = [DecoderLayer(c, name=f"layers_{i}", fused=self.fused,
+                                    causal_attention=self.causal_attention, **kw)
                        for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, name="norm", **kw)
         if not c.tie_word_embeddings:
@@ -295,12 +315,13 @@ class Transformer(nn.Module):
         With a cache, the new keys/values are written after `cache.lengths` (not committed) and
         every committed slot is visible; without one, the T tokens attend among themselves."""
         b, t = tokens.shape
-        if block_mask is None:
-            block_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-        if cache is None:
-            mask = block_mask
+        if block_mask is None and cache is None and self.causal_attention != "einsum":
+            mask = None  # causal among the T tokens, by jax.nn.dot_product_attention (attend)
         else:
-            mask = kv_cache.attention_mask(cache.lengths, block_mask, cache.max_length)
+            if block_mask is None:
+                block_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+            mask = block_mask if cache is None else kv_cache.attention_mask(
+                cache.lengths, block_mask, cache.max_length)
         x = nn.with_logical_constraint(self.embed(tokens).astype(jnp.float32),
                                        ("batch", "length", "act_embed"))
         new_k, new_v = [], []

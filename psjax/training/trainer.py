@@ -88,6 +88,38 @@ def sample_anchors(rng, lengths, prompt_lengths, max_length: int, num_anchors: i
     return anchors.astype(jnp.int32), jnp.take_along_axis(valid, anchors, axis=1)
 
 
+def _head_kernel(target: Transformer, target_params) -> jax.Array:
+    """The target's LM head as a [D, V] matrix (tied: the embedding table, transposed)."""
+    if target.config.tie_word_embeddings:
+        return target_params["embed_tokens"]["embedding"].T
+    return target_params["lm_head"]["kernel"]
+
+
+@jax.custom_vjp
+def _drafter_logits(hidden, kernel):
+    """The drafter's logits through the target's frozen head: float32 products as
+    `Transformer.logits` computes them (same values), with the input gradient computed in
+    `hidden`'s dtype. Left to autodiff, the float32 cotangent promotes that [N, V] x [V, D]
+    product to a float32 (TF32) GEMM: 3-13 ms of a 60-120 ms step on an H100
+    (experiments/bench_train.py). The head is frozen: no kernel gradient."""
+    return jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _drafter_logits_fwd(hidden, kernel):
+    return _drafter_logits(hidden, kernel), (hidden, kernel)
+
+
+def _drafter_logits_bwd(residuals, cotangent):
+    hidden, kernel = residuals
+    grad = jnp.einsum("...v,dv->...d", cotangent.astype(hidden.dtype),
+                      kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    return grad.astype(hidden.dtype), jnp.zeros_like(kernel)
+
+
+_drafter_logits.defvjp(_drafter_logits_fwd, _drafter_logits_bwd)
+
+
 def _distill(p_logits, q_logits, labels, soft_weight: float, hard_weight: float):
     """Per-prediction loss (soft_weight x KL(p || q) + hard_weight x CE on `labels`), KL, CE
     and top-1 agreement; logits [..., V], labels [...]."""
@@ -103,32 +135,40 @@ def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.Parallel
             loss: LossConfig):
     target: Transformer = drafter.target_module
     head = lambda h: parallelspec.target_logits(target, target_params, h)
+    kernel = _head_kernel(target, target_params)
+    drafter_head = lambda h: _drafter_logits(h, kernel)
     tokens, lengths = batch["tokens"], batch["lengths"]
     b, length = tokens.shape
     depth = drafter.config.draft_length
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-    hidden = jax.lax.stop_gradient(target.apply(
-        {"params": target_params}, tokens, positions, compute_logits=False).hidden)
+    # The named scopes mark a step's phases in profiles (experiments/bench_train.py).
+    with jax.named_scope("target"):
+        hidden = jax.lax.stop_gradient(target.apply(
+            {"params": target_params}, tokens, positions, compute_logits=False).hidden)
     anchors, anchor_valid = sample_anchors(rng, lengths, batch["prompt_lengths"], length,
                                            loss.num_anchors)
-    groups, every = drafter.training_hidden(params, target_params, tokens, hidden, anchors,
-                                            lengths)
-    q_logits = head(groups)
+    with jax.named_scope("drafter"):
+        groups, every = drafter.training_hidden(params, target_params, tokens, hidden, anchors,
+                                                lengths)
+    with jax.named_scope("heads"):
+        q_logits = drafter_head(groups)
     predicted = anchors[:, :, None] + jnp.arange(1, depth + 1)  # [B, G, k+1] positions drafted
     valid = anchor_valid[:, :, None] & (predicted <= lengths[:, None, None] - 1)
     index = jnp.clip(predicted, 0, length - 1).reshape(b, -1)
     # The target's distribution for the token at position p comes from position p - 1. The
     # dense term needs it at every position: then the groups' are gathered, not recomputed.
-    p_every = jax.lax.stop_gradient(head(hidden)) if loss.dense_weight else None
-    if p_every is None:
-        prev = jnp.take_along_axis(hidden, (index - 1)[:, :, None], axis=1)
-        p_logits = jax.lax.stop_gradient(head(prev))
-    else:
-        p_logits = jnp.take_along_axis(p_every, (index - 1)[:, :, None], axis=1)
-    p_logits = p_logits.reshape(q_logits.shape)
+    with jax.named_scope("heads"):
+        p_every = jax.lax.stop_gradient(head(hidden)) if loss.dense_weight else None
+        if p_every is None:
+            prev = jnp.take_along_axis(hidden, (index - 1)[:, :, None], axis=1)
+            p_logits = jax.lax.stop_gradient(head(prev))
+        else:
+            p_logits = jnp.take_along_axis(p_every, (index - 1)[:, :, None], axis=1)
+        p_logits = p_logits.reshape(q_logits.shape)
     labels = jnp.take_along_axis(tokens, index, axis=1).reshape(predicted.shape)
-    per_token, kl, ce, agree = _distill(p_logits, q_logits, labels, loss.soft_weight,
-                                        loss.hard_weight)
+    with jax.named_scope("loss"):
+        per_token, kl, ce, agree = _distill(p_logits, q_logits, labels, loss.soft_weight,
+                                            loss.hard_weight)
     weight = valid.astype(jnp.float32)
     depth_weight = weight * loss.depth_decay ** jnp.arange(depth, dtype=jnp.float32)
     total = jnp.sum(per_token * depth_weight) / jnp.maximum(depth_weight.sum(), 1e-9)
@@ -146,8 +186,11 @@ def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.Parallel
         dense_valid = anchor_positions(lengths, batch["prompt_lengths"], length).astype(
             jnp.float32)
         next_tokens = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
-        dense, dense_kl, _, dense_agree = _distill(p_every, head(every), next_tokens,
-                                                   loss.soft_weight, loss.hard_weight)
+        with jax.named_scope("heads"):
+            q_every = drafter_head(every)
+        with jax.named_scope("loss"):
+            dense, dense_kl, _, dense_agree = _distill(p_every, q_every, next_tokens,
+                                                       loss.soft_weight, loss.hard_weight)
         mean = lambda x: jnp.sum(x * dense_valid) / jnp.maximum(dense_valid.sum(), 1.0)
         total = total + loss.dense_weight * mean(dense)
         metrics.update(loss=total, dense_kl=mean(dense_kl), dense_top1=mean(dense_agree))
@@ -203,6 +246,9 @@ class TrainConfig:
     rules: Sequence = sharding.DEFAULT_RULES
     peak_tflops: float = 989.0  # bf16 dense peak of the card, for MFU
     eval_every: int = 0  # 0: no periodic tau evaluation
+    # How the target's pass over whole sequences attends (Transformer.causal_attention);
+    # "auto": cuDNN flash attention on a GPU, the einsum form elsewhere.
+    target_attention: str = "auto"
 
 
 class Trainer:
@@ -211,8 +257,13 @@ class Trainer:
         self.config = config
         self.target = target
         self.target_name = target_name
-        self.drafter = parallelspec.build(drafter_config, target.module, dtype=compute_dtype,
-                                          param_dtype=jnp.float32)
+        attention = config.target_attention
+        if attention == "auto":
+            attention = "cudnn" if jax.default_backend() == "gpu" else "einsum"
+        # The drafter reads the target module for its pass in loss_fn, embeddings and head.
+        self.drafter = parallelspec.build(
+            drafter_config, target.module.clone(causal_attention=attention),
+            dtype=compute_dtype, param_dtype=jnp.float32)
         self.mesh = sharding.make_mesh(
             *config.mesh, devices=jax.devices()[:config.num_devices or None])
         self.tx = make_optimizer(config.learning_rate, config.total_steps, config.warmup_steps,
@@ -265,10 +316,11 @@ class Trainer:
             lambda p: loss_fn(p, target_params, batch, rng, drafter=self.drafter,
                               loss=self.config.loss), has_aux=True)
         (_, metrics), grads = grad_fn(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        return TrainState(state.step + 1, optax.apply_updates(state.params, updates),
-                          opt_state), metrics
+        with jax.named_scope("optimizer"):
+            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            params = optax.apply_updates(state.params, updates)
+        return TrainState(state.step + 1, params, opt_state), metrics
 
     def holdout_metrics(self, params, batches: Sequence[dict]) -> dict:
         """The training metrics on held-out batches (fixed anchors, no update), prefixed
