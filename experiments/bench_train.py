@@ -5,8 +5,8 @@ Random weights and random tokens give the true cost of a step (the work does not
 values), so nothing has to be brought to the machine. Every variant runs in one process, one
 after another, timed the same way (median of `--repeats` timings of `--steps` steps each, after a
 compiling warm-up); `--profile` adds, per variant, the device time per step split by the phase
-the trainer's named scopes mark (target, drafter, heads, loss, optimizer; `backward/` for the
-gradient's ops) and the top kernels.
+the trainer's named scopes mark (`trainer.PHASES`; `backward/` for the gradient's ops) and the
+top kernels.
 
   python experiments/bench_train.py --shape qwen2.5-0.5b --num_masks 1,3,7 --dense_weight 0,1 \
       --profile --out /tmp/bench_train.json
@@ -16,7 +16,7 @@ CPU smoke test: `--shape smollm2-135m --batch_size 2 --max_length 64 --steps 2 -
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import itertools
 import json
 import re
@@ -25,7 +25,6 @@ import tempfile
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from psjax import sharding
@@ -51,26 +50,6 @@ flags.DEFINE_integer("repeats", 3, "timings per variant (median)")
 flags.DEFINE_float("peak_tflops", 989.0, "bf16 dense peak of the card, for MFU")
 flags.DEFINE_bool("profile", False, "device time per step by phase and kernel (GPU trace)")
 flags.DEFINE_string("out", "", "JSON file for the results")
-
-# The named scopes of trainer.loss_fn and Trainer._train_step, in the order a step runs them.
-PHASES = ("target", "drafter", "heads", "loss", "optimizer")
-
-
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', re.MULTILINE)
-
-
-def scope_phases(hlo_text: str) -> dict[str, str]:
-    """Instruction name -> phase: the outermost of PHASES in its op_name (under a gradient it
-    reads `jvp(drafter)/...`), `backward/` before it for ops of the gradient (JAX names them
-    `transpose(...)`), `other` where none is named."""
-    scope = re.compile(r"(?<!\w)(%s)(?!\w)" % "|".join(PHASES))
-    phases = {}
-    for name, op in _INSTRUCTION.findall(hlo_text):
-        found = scope.search(op)
-        phase = found.group(1) if found else "other"
-        phases[name] = f"backward/{phase}" if "transpose(" in op else phase
-    return phases
-
 
 def random_batch(config, batch: int, length: int, prompt_length: int) -> dict:
     rng = np.random.default_rng(0)
@@ -115,9 +94,10 @@ def run_variant(target, k: int, dense: float, attention: str, workdir: str) -> d
             hlo = trainer._step.lower(trainer.state, trainer.target_params, batch,
                                       rng).compile().as_text()
         row["profile"] = limits.device_trace(lambda: steps(FLAGS.steps), FLAGS.steps,
-                                             hlo_text=lambda: hlo, phase_of=scope_phases)
+                                             hlo_text=lambda: hlo, phase_of=functools.partial(
+                                                 limits.scope_phases, scopes=trainer_lib.PHASES))
         # What the top kernels compute: the tail of their op_name (library GEMMs have none).
-        ops = {re.sub(r"\.(\d+)$", r"_\1", name): op for name, op in _INSTRUCTION.findall(hlo)}
+        ops = {re.sub(r"\.(\d+)$", r"_\1", name): op for name, op in limits.hlo_ops(hlo).items()}
         row["profile"]["top_named_kernels_op"] = {
             name: ops.get(name, "")[-90:]
             for name in row["profile"].get("top_named_kernels_ms_per_step", {})}

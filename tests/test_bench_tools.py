@@ -17,6 +17,7 @@ from psjax.decoding.tree import Tree
 from psjax.drafters import parallelspec
 from psjax.models.config import ModelConfig
 from psjax.models.target import random_target
+from psjax.training import trainer as trainer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64,
@@ -88,6 +89,39 @@ def test_the_engine_names_its_phases_in_the_compiled_loop():
         eos_ids=(), cache_length=32, cache_dtype=jnp.float32).compile()
     phases = set(limits.hlo_phases(compiled.as_text()).values())
     assert {"draft", "verify", "accept", "commit", "outside"} <= phases, phases
+
+
+def test_the_train_step_names_its_phases(tmp_path):
+    """The trainer's compiled step carries the scopes (trainer.PHASES) that
+    experiments/bench_train.py splits a profile by, forward and backward."""
+    target = random_target(ModelConfig.from_hf_dict(TINY))
+    config = trainer_lib.TrainConfig(workdir=str(tmp_path), batch_size=2, max_length=16,
+                                     total_steps=1, loss=trainer_lib.LossConfig(num_anchors=4),
+                                     num_devices=1)
+    trainer = trainer_lib.Trainer(config, target, parallelspec.ParallelSpecConfig(
+        target.config, num_masks=2), "tiny")
+    batch = {"tokens": jnp.ones((2, 16), jnp.int32), "lengths": jnp.array([16, 12]),
+             "prompt_lengths": jnp.array([4, 4])}
+    hlo = trainer._step.lower(trainer.state, trainer.target_params, batch,
+                              jax.random.PRNGKey(0)).compile().as_text()
+    phases = set(limits.scope_phases(hlo, trainer_lib.PHASES).values())
+    assert {"target", "drafter", "loss", "optimizer", "backward/drafter",
+            "backward/loss"} <= phases, phases
+
+
+def test_bench_train_runs(tmp_path):
+    """experiments/bench_train.py at SmolLM2 shapes, a small batch, two variants (on one CPU
+    device: the 8 fake ones of the other tests only slow it down)."""
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, os.path.join(REPO, "experiments", "bench_train.py"),
+           "--shape", "smollm2-135m", "--batch_size", "2", "--max_length", "32",
+           "--prompt_length", "8", "--num_anchors", "4", "--num_masks", "1,2", "--steps", "1",
+           "--repeats", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, cwd=REPO,
+                   env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=""))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["num_masks"] for r in rows] == [1, 2]
+    assert all(r["steps_per_s"] > 0 and r["model_tflops_per_step"] > 0 for r in rows)
 
 
 def test_bench_grid_runs(tmp_path):

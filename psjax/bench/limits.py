@@ -19,7 +19,7 @@ import os
 import re
 import statistics
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -118,19 +118,38 @@ def spec_step_seconds(module: Transformer, params, prompts, drafter, drafter_par
 
 # ------------------------------------------------------------ where a decode step's time goes
 
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', re.MULTILINE)
+
+
+def hlo_ops(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> op_name (its jax.named_scope path), from a compiled module's HLO text
+    (`compiled.as_text()`, or an XLA dump's `*after_optimizations.txt`)."""
+    return dict(_INSTRUCTION.findall(hlo_text))
+
+
 def hlo_phases(hlo_text: str) -> dict[str, str]:
-    """Instruction name -> phase, from a compiled module's HLO text (an XLA dump's
-    `*after_optimizations.txt`): the first named scope inside the while loop's body (the
-    speculative engine's draft, verify, accept, commit), `loop` for the body's other ops,
-    `outside` for ops outside the loop (prefill)."""
+    """Instruction name -> phase, from a compiled module's HLO text: the first named scope
+    inside the while loop's body (the speculative engine's draft, verify, accept, commit),
+    `loop` for the body's other ops, `outside` for ops outside the loop (prefill)."""
     phases = {}
-    for match in re.finditer(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', hlo_text,
-                             re.MULTILINE):
-        name, op = match.groups()
+    for name, op in hlo_ops(hlo_text).items():
         _, body, inner = op.partition("/while/body/")
         scope = inner.split("/", 1)[0] if "/" in inner else "loop"
         scope = "loop" if scope.startswith("jit(") else scope  # an inlined jnp function
         phases[name] = scope if body else "outside"
+    return phases
+
+
+def scope_phases(hlo_text: str, scopes: Sequence[str]) -> dict[str, str]:
+    """Instruction name -> phase for a step without a loop (a train step): the outermost of
+    `scopes` in its op_name (under a gradient it reads `jvp(drafter)/...`), with `backward/`
+    before it for the gradient's ops (JAX names them `transpose(...)`); `other` where none is."""
+    scope = re.compile(r"(?<!\w)(%s)(?!\w)" % "|".join(map(re.escape, scopes)))
+    phases = {}
+    for name, op in hlo_ops(hlo_text).items():
+        found = scope.search(op)
+        phase = found.group(1) if found else "other"
+        phases[name] = f"backward/{phase}" if "transpose(" in op else phase
     return phases
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -32,6 +32,11 @@ from psjax.drafters import parallelspec
 from psjax.models.llama import Transformer
 from psjax.models.target import Target
 from psjax.training import checkpoint, data
+
+
+# The named scopes loss_fn and the step mark their phases with: a profile's split
+# (experiments/bench_train.py, bench.limits.scope_phases).
+PHASES = ("target", "drafter", "heads", "loss", "optimizer")
 
 
 @flax.struct.dataclass
@@ -141,8 +146,7 @@ def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.Parallel
     b, length = tokens.shape
     depth = drafter.config.draft_length
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-    # The named scopes mark a step's phases in profiles (experiments/bench_train.py).
-    with jax.named_scope("target"):
+    with jax.named_scope("target"):  # PHASES
         hidden = jax.lax.stop_gradient(target.apply(
             {"params": target_params}, tokens, positions, compute_logits=False).hidden)
     anchors, anchor_valid = sample_anchors(rng, lengths, batch["prompt_lengths"], length,
