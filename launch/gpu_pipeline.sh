@@ -16,6 +16,9 @@
 #   launch/gpu_pipeline.sh limits                floor, step times at 0.5B-13B shapes, projection
 #   launch/gpu_pipeline.sh profile [ARGS]        where a step's time goes at the 0.5B shape: AR and
 #                                                speculative steps traced, split by phase
+#   launch/gpu_pipeline.sh bench_train [ARGS]    the drafter's train step at the 0.5B shapes
+#                                                (random weights: no model needed), steps/s, MFU;
+#                                                --profile splits it by phase
 #   launch/gpu_pipeline.sh grid MODEL DRAFTER     batch x temperature throughput of each method
 #   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts (up
 #                                                to 4 turns each), packed into $OUT to keep
@@ -115,6 +118,9 @@ torch.__version__, jax.devices())" ;;
         python3 experiments/bench_limits.py --shapes qwen2.5-0.5b \
         --profile_shape qwen2.5-0.5b --xla_variants '' --xla_dump_dir /tmp/hlo \
         --out "$OUT/profile.json" "$@" ;;
+  bench_train)
+    run python3 experiments/bench_train.py --shape qwen2.5-0.5b --out "$OUT/bench_train.json" \
+        "$@" ;;
   grid)
     model=$1 drafter=$2; shift 2
     run python3 experiments/bench_grid.py --target "/tmp/models/$model" --drafter "$drafter" \

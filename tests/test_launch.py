@@ -36,6 +36,12 @@ def test_gpu_pipeline_splits_a_registry_model_into_carriable_pieces():
     assert result.returncode == 2 and "unknown model qwen7" in result.stderr
 
 
+def test_gpu_pipeline_benchmarks_the_train_step():
+    out = dry_run("gpu_pipeline.sh", "bench_train", "--num_masks", "1,3", OUT="/o")
+    assert ("python3 experiments/bench_train.py --shape qwen2.5-0.5b --out /o/bench_train.json "
+            "--num_masks 1,3") in out
+
+
 def test_gpu_pipeline_names_an_unknown_stage():
     result = launch("gpu_pipeline.sh", "trian", check=False)
     assert result.returncode == 2 and "unknown stage trian" in result.stderr

@@ -215,7 +215,7 @@ def test_init_from_an_exported_drafter(tmp_path):
                  params)
 
     config = _tiny_config(total_steps=0, init_from=exported)
-    config.drafter.num_masks = 3
+    config.drafter.num_masks += 1
     with pytest.raises(ValueError, match="num_masks"):
         experiment.train(config, str(tmp_path / "c"))
     typo = str(tmp_path / "no_such_run")

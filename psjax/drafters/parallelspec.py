@@ -55,7 +55,7 @@ _FAR = jnp.iinfo(jnp.int32).max  # the anchor of padding: nothing sees it
 @dataclasses.dataclass(frozen=True)
 class ParallelSpecConfig:
     target: ModelConfig  # the target's shapes: the drafter's layer mirrors them
-    num_masks: int = 4  # k
+    num_masks: int = 3  # k (experiments/configs/parallelspec.py says why 3)
     input_mode: str = "feature"
 
     def __post_init__(self):
