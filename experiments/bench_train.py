@@ -51,6 +51,7 @@ flags.DEFINE_float("peak_tflops", 989.0, "bf16 dense peak of the card, for MFU")
 flags.DEFINE_bool("profile", False, "device time per step by phase and kernel (GPU trace)")
 flags.DEFINE_string("out", "", "JSON file for the results")
 
+
 def random_batch(config, batch: int, length: int, prompt_length: int) -> dict:
     rng = np.random.default_rng(0)
     return {"tokens": rng.integers(0, config.vocab_size, (batch, length)).astype(np.int32),

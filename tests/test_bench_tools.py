@@ -1,6 +1,7 @@
 """The GPU benchmark tools run end to end on the CPU at tiny sizes (their numbers come from the
 GPU; here only that they run and report what they say)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -107,6 +108,9 @@ def test_the_train_step_names_its_phases(tmp_path):
     phases = set(limits.scope_phases(hlo, trainer_lib.PHASES).values())
     assert {"target", "drafter", "loss", "optimizer", "backward/drafter",
             "backward/loss"} <= phases, phases
+    typo = dataclasses.replace(config, target_attention="cudnn_flash")
+    with pytest.raises(ValueError, match="target_attention must be one of"):
+        trainer_lib.Trainer(typo, target, trainer.drafter.config, "tiny")
 
 
 def test_bench_train_runs(tmp_path):

@@ -37,6 +37,7 @@ from psjax.training import checkpoint, data
 # The named scopes loss_fn and the step mark their phases with: a profile's split
 # (experiments/bench_train.py, bench.limits.scope_phases).
 PHASES = ("target", "drafter", "heads", "loss", "optimizer")
+TARGET_ATTENTION = ("auto", "einsum", "xla", "cudnn")
 
 
 @flax.struct.dataclass
@@ -251,8 +252,8 @@ class TrainConfig:
     rules: Sequence = sharding.DEFAULT_RULES
     peak_tflops: float = 989.0  # bf16 dense peak of the card, for MFU
     eval_every: int = 0  # 0: no periodic tau evaluation
-    # How the target's pass over whole sequences attends (Transformer.causal_attention);
-    # "auto": cuDNN flash attention on a GPU, the einsum form elsewhere.
+    # How the target's pass over whole sequences attends (Transformer.causal_attention), one of
+    # TARGET_ATTENTION; "auto": cuDNN flash attention on a GPU, the einsum form elsewhere.
     target_attention: str = "auto"
 
 
@@ -263,6 +264,9 @@ class Trainer:
         self.target = target
         self.target_name = target_name
         attention = config.target_attention
+        if attention not in TARGET_ATTENTION:
+            raise ValueError(f"target_attention must be one of {TARGET_ATTENTION}, got "
+                             f"{attention!r}")
         if attention == "auto":
             attention = "cudnn" if jax.default_backend() == "gpu" else "einsum"
         # The drafter reads the target module for its pass in loss_fn, embeddings and head.
