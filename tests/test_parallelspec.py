@@ -135,15 +135,15 @@ def test_depth_decay_weighs_the_drafts(tiny_target):
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])
-def test_drafter_head_equals_the_targets_head(variant):
-    """The trainer's drafter head (its own backward, for bfloat16 GEMMs) gives the target head's
-    logits and, in float32, autodiff's input gradient."""
+def test_trainer_head_equals_the_targets_head(variant):
+    """The trainer's head (its own backward, for bfloat16 GEMMs) gives the target head's logits
+    and, in float32, autodiff's input gradient."""
     _, path = tiny_models.make(variant, vocab_size=64)
     config, params = hf.load_hf_dir(path)
     module = Transformer(config)
     hidden = jnp.asarray(np.random.RandomState(3).randn(2, 5, config.hidden_size), jnp.float32)
     kernel = trainer_lib._head_kernel(module, params)
-    ours = lambda h: trainer_lib._drafter_logits(h, kernel)
+    ours = lambda h: trainer_lib._head_logits(h, kernel)
     reference = lambda h: ps.target_logits(module, params, h)
     np.testing.assert_allclose(ours(hidden), reference(hidden), rtol=1e-6, atol=1e-6)
     grad = lambda head: jax.grad(lambda h: jnp.sum(jnp.sin(head(h))))(hidden)

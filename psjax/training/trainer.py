@@ -102,29 +102,29 @@ def _head_kernel(target: Transformer, target_params) -> jax.Array:
 
 
 @jax.custom_vjp
-def _drafter_logits(hidden, kernel):
-    """The drafter's logits through the target's frozen head: float32 products as
-    `Transformer.logits` computes them (same values), with the input gradient computed in
-    `hidden`'s dtype. Left to autodiff, the float32 cotangent promotes that [N, V] x [V, D]
-    product to a float32 (TF32) GEMM: 3-13 ms of a 60-120 ms step on an H100; cast to bfloat16
+def _head_logits(hidden, kernel):
+    """Logits through the target's frozen head (`_head_kernel`), for both models in the loss:
+    float32 products as `Transformer.logits` computes them (same values), with the input
+    gradient (the drafter's) computed in `hidden`'s dtype. Left to autodiff, the float32
+    cotangent promotes that [N, V] x [V, D] product to a float32 (TF32) GEMM: 3-13 ms of a 60-120 ms step on an H100; cast to bfloat16
     first, about 2 ms less at k = 3 (experiments/bench_train.py). The head is frozen: no kernel
     gradient."""
     return jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype),
                       preferred_element_type=jnp.float32)
 
 
-def _drafter_logits_fwd(hidden, kernel):
-    return _drafter_logits(hidden, kernel), (hidden, kernel)
+def _head_logits_fwd(hidden, kernel):
+    return _head_logits(hidden, kernel), (hidden, kernel)
 
 
-def _drafter_logits_bwd(residuals, cotangent):
+def _head_logits_bwd(residuals, cotangent):
     hidden, kernel = residuals
     grad = jnp.einsum("...v,dv->...d", cotangent.astype(hidden.dtype),
                       kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
     return grad.astype(hidden.dtype), jnp.zeros_like(kernel)
 
 
-_drafter_logits.defvjp(_drafter_logits_fwd, _drafter_logits_bwd)
+_head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 
 def _distill(p_logits, q_logits, labels, soft_weight: float, hard_weight: float):
@@ -141,9 +141,8 @@ def _distill(p_logits, q_logits, labels, soft_weight: float, hard_weight: float)
 def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.ParallelSpec,
             loss: LossConfig):
     target: Transformer = drafter.target_module
-    head = lambda h: parallelspec.target_logits(target, target_params, h)
     kernel = _head_kernel(target, target_params)
-    drafter_head = lambda h: _drafter_logits(h, kernel)
+    head = lambda h: _head_logits(h, kernel)
     tokens, lengths = batch["tokens"], batch["lengths"]
     b, length = tokens.shape
     depth = drafter.config.draft_length
@@ -157,7 +156,7 @@ def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.Parallel
         groups, every = drafter.training_hidden(params, target_params, tokens, hidden, anchors,
                                                 lengths)
     with jax.named_scope("heads"):
-        q_logits = drafter_head(groups)
+        q_logits = head(groups)
     predicted = anchors[:, :, None] + jnp.arange(1, depth + 1)  # [B, G, k+1] positions drafted
     valid = anchor_valid[:, :, None] & (predicted <= lengths[:, None, None] - 1)
     index = jnp.clip(predicted, 0, length - 1).reshape(b, -1)
@@ -193,7 +192,7 @@ def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.Parallel
             jnp.float32)
         next_tokens = jnp.concatenate([tokens[:, 1:], tokens[:, -1:]], axis=1)
         with jax.named_scope("heads"):
-            q_every = drafter_head(every)
+            q_every = head(every)
         with jax.named_scope("loss"):
             dense, dense_kl, _, dense_agree = _distill(p_every, q_every, next_tokens,
                                                        loss.soft_weight, loss.hard_weight)
