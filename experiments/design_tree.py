@@ -85,9 +85,10 @@ def _candidates(target_params, drafter_params, tokens, anchors, length, *, targe
                 drafter, width):
     """The drafter's top-`width` candidates [G, D, W] after each anchor of one text [1, L] whose
     first `length` tokens are real."""
-    hidden = target_module.apply({"params": target_params}, tokens,
-                                 jnp.arange(tokens.shape[1])[None], compute_logits=False).hidden
-    logits = drafter.training_logits(drafter_params, target_params, tokens, hidden, anchors,
+    features = target_module.clone(feature_layers=drafter.feature_layers).apply(
+        {"params": target_params}, tokens, jnp.arange(tokens.shape[1])[None],
+        compute_logits=False).features
+    logits = drafter.training_logits(drafter_params, target_params, tokens, features, anchors,
                                      jnp.reshape(length, (1,)))  # [1, G, D, V]
     return jax.lax.top_k(logits[0], width)[1]
 

@@ -35,7 +35,8 @@ def main(argv):
     del argv
     from psjax.training import checkpoint
     # The single call into the trainer: -> (params, drafter config dict, target name); the dict
-    # is drafter_hf.config_to_dict's format ({num_masks, input_mode, target_config}).
+    # is drafter_hf.config_to_dict's format ({num_masks, input_mode, feature_layers,
+    # target_config}).
     params, config_dict, target_name = checkpoint.restore_params(_WORKDIR.value, _STEP.value)
     config = drafter_hf.config_from_dict(config_dict)
     dtype = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16}[_DTYPE.value]

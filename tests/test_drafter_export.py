@@ -29,9 +29,10 @@ def tiny():
     return Transformer(config), params, path
 
 
-def _drafter(tiny, mode, seed=0):
+def _drafter(tiny, mode, seed=0, layers=()):
     module, _, _ = tiny
-    drafter = parallelspec.build(parallelspec.ParallelSpecConfig(module.config, K, mode), module)
+    drafter = parallelspec.build(parallelspec.ParallelSpecConfig(module.config, K, mode, layers),
+                                 module)
     params = parallelspec.init_params(drafter, jax.random.PRNGKey(seed))
     # Fresh norms are ones and biases zeros: perturb every tensor so the round trip sees them.
     leaves, treedef = jax.tree.flatten(params)
@@ -42,8 +43,7 @@ def _drafter(tiny, mode, seed=0):
 
 def _draft_logits(drafter, params, target_params, tokens):
     b, p = tokens.shape
-    d = drafter.config.target.hidden_size
-    hidden = jax.random.normal(jax.random.PRNGKey(3), (b, p, d))
+    hidden = jax.random.normal(jax.random.PRNGKey(3), (b, p, drafter.config.feature_size))
     lengths = jnp.full((b,), p, jnp.int32)
     context = Context(jnp.pad(tokens, ((0, 0), (0, 16))), lengths, target_params)
     state = drafter.init_state(params, Prompt(tokens, lengths, hidden), context, p + 16)
@@ -57,16 +57,17 @@ def _assert_same_tree(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("mode", parallelspec.INPUT_MODES)
-def test_round_trip(tiny, mode, tmp_path):
+@pytest.mark.parametrize("mode,layers", [("token", ()), ("feature", ()), ("feature", (1, 2))])
+def test_round_trip(tiny, mode, layers, tmp_path):
     module, target_params, _ = tiny
-    drafter, params = _drafter(tiny, mode)
+    drafter, params = _drafter(tiny, mode, layers=layers)
     drafter_hf.save_drafter(str(tmp_path), drafter.config, params, "tiny-llama")
     with open(tmp_path / "config.json") as f:
         cfg = json.load(f)
     assert cfg["architectures"] == ["ParallelSpecDrafter"]
     assert cfg["model_type"] == "parallelspec"
     assert cfg["num_masks"] == K and cfg["input_mode"] == mode
+    assert cfg["feature_layers"] == list(layers)
     assert cfg["mask_token_ids"] == list(range(VOCAB, VOCAB + K))
     assert cfg["target_name"] == "tiny-llama" and cfg["torch_dtype"] == "float32"
     assert cfg["target_config"] == module.config.to_hf_dict()

@@ -91,6 +91,33 @@ def test_causal_attention_implementation_computes_the_same(variant):
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])
+def test_features_are_the_normalised_layer_inputs(variant):
+    """feature_layers (what a multi-layer feature drafter reads): the residual stream after n
+    layers through layer n + 1's input norm, as transformers computes them, and the final
+    hidden state for n = L."""
+    model, path = tiny_models.make(variant, num_layers=3)
+    config, params = hf.load_hf_dir(path)
+    tokens = np.random.RandomState(7).randint(0, config.vocab_size, (2, 20))
+    positions = jnp.broadcast_to(jnp.arange(20), tokens.shape)
+    out = Transformer(config, feature_layers=(1, 2, 3)).apply(
+        {"params": params}, jnp.asarray(tokens), positions)
+    with torch.no_grad():
+        ref = model(torch.tensor(tokens), output_hidden_states=True)
+        expected = [model.model.layers[n].input_layernorm(ref.hidden_states[n]).numpy()
+                    for n in (1, 2)]
+    d = config.hidden_size
+    for i, want in enumerate(expected):
+        assert _rel_err(np.asarray(out.features[..., i * d:(i + 1) * d]), want) < 1e-5
+    np.testing.assert_array_equal(out.features[..., 2 * d:], out.hidden)
+    assert _rel_err(np.asarray(out.hidden), ref.hidden_states[3].numpy()) < 1e-5
+    plain = Transformer(config).apply({"params": params}, jnp.asarray(tokens), positions)
+    np.testing.assert_array_equal(plain.features, plain.hidden)
+    with pytest.raises(ValueError, match="must lie in 1..3"):
+        Transformer(config, feature_layers=(0,)).apply({"params": params}, jnp.asarray(tokens),
+                                                       positions)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])
 def test_export_round_trip(variant):
     model, path = tiny_models.make(variant, seed=3)
     config, params = hf.load_hf_dir(path)

@@ -30,17 +30,25 @@ def tiny_target():
     return Transformer(config), params
 
 
-@pytest.mark.parametrize("mode", ["token", "feature"])
-def test_training_mode_equals_drafting_mode(tiny_target, mode):
+# (input mode, feature_layers): token; feature (the last hidden state); feature from layer 1's
+# output and the last (the tiny target has 2 layers).
+MODES = [("token", ()), ("feature", ()), ("feature", (1, 2))]
+
+
+@pytest.mark.parametrize("mode,layers", MODES)
+def test_training_mode_equals_drafting_mode(tiny_target, mode, layers):
     """Draft after a prefill, accept 2 drafts + a bonus token, draft again: at both steps the
     draft logits (root, MASK_1..MASK_k) equal the training-mode logits of the group at the same
     anchor."""
     module, params = tiny_target
-    drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=4, input_mode=mode), module)
+    drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=4, input_mode=mode,
+                                             feature_layers=layers), module)
     dparams = ps.init_params(drafter, jax.random.PRNGKey(3))
     seq = np.random.RandomState(0).randint(0, 64, (1, 30)).astype(np.int32)
+    module = module.clone(feature_layers=layers)
     full = module.apply({"params": params}, jnp.asarray(seq), jnp.arange(30)[None])
-    training = drafter.training_logits(dparams, params, jnp.asarray(seq), full.hidden,
+    assert full.features.shape[-1] == drafter.config.feature_size
+    training = drafter.training_logits(dparams, params, jnp.asarray(seq), full.features,
                                        jnp.array([[19, 5, 22]]), jnp.array([30]))  # [1, 3, k, V]
 
     prompt_tokens, lengths = common.pad_prompts([seq[0, :19].tolist()])
@@ -54,22 +62,23 @@ def test_training_mode_equals_drafting_mode(tiny_target, mode):
     first, state = drafter.draft_logits(dparams, state, context)
     np.testing.assert_allclose(first[0], training[0, 0], atol=1e-5)
     # Verification kept the root (19) and drafts at 20, 21; the bonus token sits at 22.
-    path_hidden = full.hidden[:, 19:24]
-    state = drafter.commit(dparams, state, Accepted(jnp.array([3]), path_hidden,
+    path_features = full.features[:, 19:24]
+    state = drafter.commit(dparams, state, Accepted(jnp.array([3]), path_features,
                                                     jnp.array([23])))
     second, _ = drafter.draft_logits(dparams, state, context.replace(seq_len=jnp.array([23])))
     np.testing.assert_allclose(second[0], training[0, 2], atol=1e-5)
     # A real position's own output is the first draft it gives as an anchor (the trainer's
     # dense first-draft loss reads every position's).
-    groups, every = drafter.training_hidden(dparams, params, jnp.asarray(seq), full.hidden,
+    groups, every = drafter.training_hidden(dparams, params, jnp.asarray(seq), full.features,
                                             jnp.array([[19, 5, 22]]), jnp.array([30]))
     np.testing.assert_allclose(every[0, jnp.array([19, 5, 22])], groups[0, :, 0], atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["token", "feature"])
-def test_random_drafter_is_lossless(tiny_target, mode):
+@pytest.mark.parametrize("mode,layers", MODES)
+def test_random_drafter_is_lossless(tiny_target, mode, layers):
     module, params = tiny_target
-    drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=4, input_mode=mode), module)
+    drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=4, input_mode=mode,
+                                             feature_layers=layers), module)
     dparams = ps.init_params(drafter, jax.random.PRNGKey(1))
     rs = np.random.RandomState(0)
     prompts = [rs.randint(0, 64, n).tolist() for n in (5, 17, 9, 30)]
@@ -79,6 +88,15 @@ def test_random_drafter_is_lossless(tiny_target, mode):
                                    drafter_params=dparams, tree=tree, max_new_tokens=30,
                                    eos_ids=(7,))
         assert out.sequences() == ref.sequences()
+
+
+def test_bad_feature_layers_are_refused(tiny_target):
+    module, _ = tiny_target
+    for layers, message in (((0, 2), "in 1..2"), ((2, 1), "increasing"), ((3,), "in 1..2")):
+        with pytest.raises(ValueError, match=message):
+            ps.ParallelSpecConfig(module.config, feature_layers=layers)
+    with pytest.raises(ValueError, match="needs input_mode='feature'"):
+        ps.ParallelSpecConfig(module.config, input_mode="token", feature_layers=(1, 2))
 
 
 def test_deeper_tree_than_masks_is_refused(tiny_target):
@@ -102,6 +120,21 @@ def test_tiny_training_loss_falls(tmp_path):
     _, history = experiment.train(_tiny_config(), str(tmp_path))
     losses = [m["loss"] for m in history]
     assert losses[-1] < 0.85 * losses[0], losses
+
+
+def test_multi_layer_features_train_and_export(tmp_path):
+    """A drafter reading several target layers trains through the whole experiment and its
+    workdir restores with the layers in its config (what export_hf.py writes out)."""
+    config = _tiny_config()
+    config.drafter.feature_layers = (1, 2)
+    _, history = experiment.train(config, str(tmp_path))
+    losses = [m["loss"] for m in history]
+    assert losses[-1] < 0.85 * losses[0], losses
+    params, config_dict, _ = checkpoint.restore_params(str(tmp_path))
+    restored = drafter_hf.config_from_dict(config_dict)
+    assert restored.feature_layers == (1, 2)
+    assert params["fc"]["kernel"].shape == (3 * restored.target.hidden_size,
+                                            restored.target.hidden_size)
 
 
 def test_dense_first_draft_loss_trains(tmp_path):

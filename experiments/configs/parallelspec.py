@@ -30,7 +30,11 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
     # k = 3 (4 drafts a pass): trained apart from scratch on Qwen2.5-Coder-0.5B, fewer masks
     # drafted better at every depth they share, and k = 3 drafted as well as k = 7 drafters
     # trained for hours (docs/parallelspec.md, "k trained apart", "Training length").
-    c.drafter = ml_collections.ConfigDict(dict(num_masks=3, input_mode="feature"))
+    # feature_layers: the target layers the drafter reads (`--config.drafter.feature_layers=
+    # 2,12,24` for Qwen2.5-0.5B: low, middle and last, as EAGLE-3 fuses them); empty: the last
+    # hidden state alone.
+    c.drafter = ml_collections.ConfigDict(dict(num_masks=3, input_mode="feature",
+                                               feature_layers=()))
 
     c.data = ml_collections.ConfigDict()
     # "tfds": the SelfDistilled ArrayRecord dataset; "jsonl": its source shards (machines

@@ -1,9 +1,11 @@
 """ParallelSpec drafters <-> Hugging Face-style directories.
 
 A drafter directory is `config.json` (`model_type: "parallelspec"`, k, the mask token ids, the
-input mode, and the HF config of the target it was trained for) plus safetensors weights with
-HF-style names: `mask_embed.weight` [k, D]; feature mode only `mask_feature` [D], `fc.weight`
-[D, 2D] (HF's [out, in]) and `fc.bias`; `layer.*` named like one of the target's decoder layers
+input mode, the target layers it reads (`feature_layers`, empty: the last hidden state), and the
+HF config of the target it was trained for) plus safetensors weights with HF-style names:
+`mask_embed.weight` [k, D]; feature mode only `mask_feature` [F], `fc.weight` [D, D + F] (HF's
+[out, in]; F = D x max(1, number of feature layers)) and `fc.bias`; `layer.*` named like one of
+the target's decoder layers
 (`layer.self_attn.q_proj.weight`, ...); `norm.weight`. The drafter owns no embedding table or LM
 head: it borrows the target's, so loading checks that the target is the one it was trained for.
 """
@@ -46,6 +48,7 @@ def mapping(config: parallelspec.ParallelSpecConfig
 def config_to_dict(config: parallelspec.ParallelSpecConfig) -> dict[str, Any]:
     """The drafter's own config (JSON-able): what `config_from_dict` reads back."""
     return {"num_masks": config.num_masks, "input_mode": config.input_mode,
+            "feature_layers": list(config.feature_layers),
             "target_config": config.target.to_hf_dict()}
 
 
@@ -68,9 +71,11 @@ def config_from_dict(d: Mapping[str, Any]) -> parallelspec.ParallelSpecConfig:
     for key in ("num_masks", "input_mode", "target_config"):
         if key not in d:
             raise ValueError(f"the drafter config lacks {key!r} (has {sorted(d)})")
-    return parallelspec.ParallelSpecConfig(target=_model_config(d["target_config"]),
-                                           num_masks=int(d["num_masks"]),
-                                           input_mode=d["input_mode"])
+    return parallelspec.ParallelSpecConfig(
+        target=_model_config(d["target_config"]), num_masks=int(d["num_masks"]),
+        input_mode=d["input_mode"],
+        # Drafters exported before feature_layers existed read the last hidden state.
+        feature_layers=tuple(int(n) for n in d.get("feature_layers", ())))
 
 
 # --- export ---------------------------------------------------------------------------------------

@@ -58,14 +58,15 @@ def _generate(module: Transformer, params, drafter: Drafter, drafter_params, tok
     b, width = tokens.shape
     rows = jnp.arange(b)
     depth = tree.max_depth
+    module = module.clone(feature_layers=drafter.feature_layers)  # what the drafter reads
     cache = KVCache.create(module.config, b, cache_length, cache_dtype)
-    logits, hidden, cache = common.prefill(module, params, tokens, lengths, cache)
+    logits, features, cache = common.prefill(module, params, tokens, lengths, cache)
     rng, key = jax.random.split(rng)
     first = choose(key, logits, sampling)
     sequence = jnp.zeros((b, cache_length), jnp.int32).at[:, :width].set(tokens)
     sequence = sequence.at[rows, lengths].set(first)
     context = Context(sequence, lengths + 1, params)
-    drafter_state = drafter.init_state(drafter_params, Prompt(tokens, lengths, hidden), context,
+    drafter_state = drafter.init_state(drafter_params, Prompt(tokens, lengths, features), context,
                                        cache_length)
     max_steps = max_new_tokens  # each step emits at least one token
     state = State(cache=cache, drafter_state=drafter_state, sequence=sequence,
@@ -120,9 +121,9 @@ def _generate(module: Transformer, params, drafter: Drafter, drafter_params, tok
             cache = out.cache if tree.is_chain else out.cache.gather_new(acc.path)
             cache = cache.commit(jnp.where(live, count, 0))
             seq_len = s.seq_len + count
-            path_hidden = jnp.take_along_axis(out.hidden, acc.path[:, :, None], axis=1)
+            path_features = jnp.take_along_axis(out.features, acc.path[:, :, None], axis=1)
             drafter_state = drafter.commit(drafter_params, drafter_state,
-                                           Accepted(num_path=count, path_hidden=path_hidden,
+                                           Accepted(num_path=count, path_features=path_features,
                                                     seq_len=seq_len))
             return State(cache=cache, drafter_state=drafter_state, sequence=sequence,
                          seq_len=seq_len, num_generated=s.num_generated + count, done=done,

@@ -27,7 +27,7 @@ class Prompt:
 
     tokens: jax.Array  # [B, P] right-padded prompts
     lengths: jax.Array  # [B]
-    hidden: jax.Array  # [B, P, D] target hidden states of the prompt positions
+    features: jax.Array  # [B, P, F] target features of the prompt positions (feature_layers)
 
 
 @flax.struct.dataclass
@@ -45,7 +45,7 @@ class Accepted:
     """What verification kept this step (the root included)."""
 
     num_path: jax.Array  # [B] nodes kept on the path: the old root plus the accepted drafts
-    path_hidden: jax.Array  # [B, D+1, Dm] target hidden states at those nodes (padded)
+    path_features: jax.Array  # [B, D+1, F] target features at those nodes (padded)
     seq_len: jax.Array  # [B] the new sequence length; the new root is the bonus token
 
 
@@ -71,6 +71,12 @@ class Drafter(abc.ABC):
     def max_depth(self) -> int | None:
         """The deepest draft it can propose in one step (None: unbounded)."""
         return None
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """The target layers whose outputs reach the drafter as features
+        (`Transformer.feature_layers`; empty: the final hidden state)."""
+        return ()
 
     def cache_lookahead(self, depth: int) -> int:
         """Cache slots past the root one step may write, for a draft `depth` deep."""

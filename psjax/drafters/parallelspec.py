@@ -13,7 +13,9 @@ Choices the paper leaves open, written down here (docs/parallelspec.md measures 
 - Input mode. `token`: real tokens enter as the target's embeddings. `feature` (EAGLE-style):
   real token j enters as fc([embed(x_j); h_{j-1}]), h_{j-1} being the target's last hidden state
   (after its final norm) at the previous position, i.e. the feature that produced x_j; masks
-  enter as fc([mask_embed_m; f_mask]) with a learned placeholder feature f_mask.
+  enter as fc([mask_embed_m; f_mask]) with a learned placeholder feature f_mask. With
+  `feature_layers` (EAGLE-3's fusion of low, middle and high layers), h_{j-1} is several of the
+  target's layer outputs side by side (`Transformer.feature_layers`).
 - Attention. Real tokens attend causally to real tokens only. MASK_m of a group attends to the
   real tokens up to its anchor and to MASK_1..MASK_m of its own group, never to another group.
   `attention_pattern` builds this from per-token ids, and the same builder serves training
@@ -57,12 +59,30 @@ class ParallelSpecConfig:
     target: ModelConfig  # the target's shapes: the drafter's layer mirrors them
     num_masks: int = 3  # k (experiments/configs/parallelspec.py says why 3)
     input_mode: str = "feature"
+    # Feature mode: the target layers read (Transformer.feature_layers: n = the residual stream
+    # after n layers, normalised; n = num_hidden_layers the final hidden state). Empty: the
+    # final hidden state alone.
+    feature_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.num_masks < 1:
             raise ValueError(f"num_masks (k) must be >= 1, got {self.num_masks}")
         if self.input_mode not in INPUT_MODES:
             raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {self.input_mode!r}")
+        layers = tuple(self.feature_layers)
+        object.__setattr__(self, "feature_layers", layers)
+        num_layers = self.target.num_hidden_layers
+        if layers and self.input_mode != "feature":
+            raise ValueError(f"feature_layers {layers} needs input_mode='feature'")
+        if layers and (list(layers) != sorted(set(layers)) or layers[0] < 1
+                       or layers[-1] > num_layers):
+            raise ValueError(f"feature_layers must be increasing layer counts in 1.."
+                             f"{num_layers} (the target's layers), got {layers}")
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the target features a real token enters with (feature mode)."""
+        return self.target.hidden_size * max(1, len(self.feature_layers))
 
     @property
     def mask_token_ids(self) -> tuple[int, ...]:
@@ -102,7 +122,8 @@ class ParallelDrafterModule(nn.Module):
     def __call__(self, embedding: jax.Array, tokens: jax.Array, features: jax.Array | None,
                  positions: jax.Array, mask: jax.Array, cache_kv=None, starts=None):
         """embedding [V, D]: the target's (frozen) table. tokens [B, T]: real ids, or mask ids
-        >= V. features [B, T, D]: h_{j-1} for real tokens (feature mode; ignored at masks).
+        >= V. features [B, T, F]: h_{j-1} for real tokens (feature mode; ignored at masks;
+        F = config.feature_size).
         mask: [B, T, T] without a cache, [B, T, S] with one."""
         c = self.config
         d, v = c.target.hidden_size, c.target.vocab_size
@@ -118,7 +139,7 @@ class ParallelDrafterModule(nn.Module):
         if c.input_mode == "feature":
             placeholder = self.param(
                 "mask_feature", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-                (d,), self.param_dtype)
+                (c.feature_size,), self.param_dtype)
             feats = jnp.where(is_mask[..., None], placeholder.astype(self.dtype),
                               features.astype(self.dtype))
             x = nn.Dense(d, use_bias=True, name="fc", **kw,
@@ -165,6 +186,10 @@ class ParallelSpec(Drafter):
     def max_depth(self):
         return self.config.draft_length
 
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return self.config.feature_layers
+
     def _forward(self, params, context_params, tokens, features, positions, mask, cache,
                  starts):
         hidden, kv = self.module.apply(
@@ -174,10 +199,10 @@ class ParallelSpec(Drafter):
 
     def init_state(self, params, prompt: Prompt, context: Context, cache_length: int):
         b, p = prompt.tokens.shape
-        d = self.config.target.hidden_size
+        d = self.config.feature_size
         # Real token j reads h_{j-1}: shift the prompt's features right by one.
-        shifted = jnp.concatenate([jnp.zeros((b, 1, d), prompt.hidden.dtype),
-                                   prompt.hidden[:, :-1]], axis=1)
+        shifted = jnp.concatenate([jnp.zeros((b, 1, d), prompt.features.dtype),
+                                   prompt.features[:, :-1]], axis=1)
         cache = KVCache.create(self.config.layer_config, b, cache_length, self.module.dtype)
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
         causal = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
@@ -187,8 +212,8 @@ class ParallelSpec(Drafter):
                                   cache, cache.lengths)
         cache = cache.replace(k=(k,), v=(v,), lengths=prompt.lengths)
         width = self.config.draft_length + 1  # the most real tokens one step can commit
-        last = jnp.take_along_axis(prompt.hidden, (prompt.lengths - 1)[:, None, None], axis=1)
-        pending = jnp.zeros((b, width, d), prompt.hidden.dtype).at[:, :1].set(last)
+        last = jnp.take_along_axis(prompt.features, (prompt.lengths - 1)[:, None, None], axis=1)
+        pending = jnp.zeros((b, width, d), prompt.features.dtype).at[:, :1].set(last)
         return DraftState(cache, pending)
 
     def cache_lookahead(self, depth: int) -> int:
@@ -242,20 +267,21 @@ class ParallelSpec(Drafter):
         return Proposal(cands, q), state
 
     def training_logits(self, params, target_params, tokens: jax.Array,
-                        target_hidden: jax.Array, anchors: jax.Array,
+                        target_features: jax.Array, anchors: jax.Array,
                         lengths: jax.Array) -> jax.Array:
         """Group-wise parallel training: one pass over a whole sequence and a group of k masks
-        after each anchor. tokens [B, L], target_hidden [B, L, D] (the target's post-norm
-        hidden states), anchors [B, G] positions, lengths [B] real tokens per row.
+        after each anchor. tokens [B, L], target_features [B, L, F] (the target's features:
+        `Output.features` of a target with this drafter's `feature_layers`), anchors [B, G]
+        positions, lengths [B] real tokens per row.
         Returns the draft logits of every group [B, G, k + 1, V]: index j predicts the token at
         anchors[g] + j + 1 (j = 0 from the anchor itself, j = m from MASK_m), each seeing exactly
         what it sees when drafting after that anchor."""
-        groups, _ = self.training_hidden(params, target_params, tokens, target_hidden, anchors,
+        groups, _ = self.training_hidden(params, target_params, tokens, target_features, anchors,
                                          lengths)
         return target_logits(self.target_module, target_params, groups)
 
     def training_hidden(self, params, target_params, tokens: jax.Array,
-                        target_hidden: jax.Array, anchors: jax.Array,
+                        target_features: jax.Array, anchors: jax.Array,
                         lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
         """`training_logits`' pass, before the LM head: the groups' hidden states [B, G, k+1, D]
         and every real position's [B, L, D] (position j's is the first draft it would give as
@@ -264,8 +290,8 @@ class ParallelSpec(Drafter):
         b, length = tokens.shape
         g, k = anchors.shape[1], cfg.num_masks
         pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        shifted = jnp.concatenate([jnp.zeros_like(target_hidden[:, :1]),
-                                   target_hidden[:, :-1]], axis=1)
+        shifted = jnp.concatenate([jnp.zeros_like(target_features[:, :1]),
+                                   target_features[:, :-1]], axis=1)
         rank = jnp.broadcast_to(jnp.arange(1, k + 1, dtype=jnp.int32), (b, g, k))
         group_anchor = jnp.broadcast_to(anchors[:, :, None], (b, g, k))
         group_id = jnp.broadcast_to(jnp.arange(g, dtype=jnp.int32)[None, :, None], (b, g, k))
@@ -289,12 +315,12 @@ class ParallelSpec(Drafter):
 
     def commit(self, params, state: DraftState, accepted: Accepted):
         # The tokens kept this step (accepted drafts + bonus) read the features of the nodes
-        # before them: the old root and the accepted drafts, i.e. path_hidden[:, :num_path].
+        # before them: the old root and the accepted drafts, i.e. path_features[:, :num_path].
         r = state.pending_features.shape[1]
-        path_hidden = accepted.path_hidden.astype(state.pending_features.dtype)
-        path_hidden = jnp.pad(path_hidden, ((0, 0), (0, r - path_hidden.shape[1]), (0, 0)))
+        path_features = accepted.path_features.astype(state.pending_features.dtype)
+        path_features = jnp.pad(path_features, ((0, 0), (0, r - path_features.shape[1]), (0, 0)))
         keep = jnp.arange(r)[None, :, None] < accepted.num_path[:, None, None]
-        features = jnp.where(keep, path_hidden, 0)
+        features = jnp.where(keep, path_features, 0)
         return state.replace(pending_features=features)
 
 
@@ -312,7 +338,7 @@ def init_params(drafter: ParallelSpec, rng: jax.Array, unbox: bool = True) -> An
     t = 2 + cfg.num_masks
     tokens = jnp.zeros((1, t), jnp.int32)
     embedding = jnp.zeros((cfg.target.vocab_size, cfg.target.hidden_size), drafter.module.dtype)
-    features = jnp.zeros((1, t, cfg.target.hidden_size), drafter.module.dtype)
+    features = jnp.zeros((1, t, cfg.feature_size), drafter.module.dtype)
     positions = jnp.arange(t)[None]
     mask = jnp.ones((1, t, t), bool)
     params = drafter.module.init(rng, embedding, tokens, features, positions, mask)["params"]

@@ -68,10 +68,14 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                            (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        # HF casts back to the input dtype before the weight multiply; rounding matches it.
-        return scale.astype(self.dtype) * x32.astype(self.dtype)
+        return rms_norm(x, scale, self.eps, self.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    # HF casts back to the input dtype before the weight multiply; rounding matches it.
+    return scale.astype(dtype) * x32.astype(dtype)
 
 
 def rope_frequencies(config: ModelConfig) -> jax.Array:
@@ -261,8 +265,11 @@ class LMHead(nn.Module):
 
 class Output(NamedTuple):
     logits: jax.Array  # [B, T, V] float32
-    hidden: jax.Array  # [B, T, D] after the final norm: the feature EAGLE-style drafters read
+    hidden: jax.Array  # [B, T, D] after the final norm
     cache: kv_cache.KVCache | None
+    # [B, T, D x n]: what a feature-mode drafter reads (Transformer.feature_layers); `hidden`
+    # when no layers are named.
+    features: jax.Array | None = None
 
 
 class Transformer(nn.Module):
@@ -272,13 +279,17 @@ class Transformer(nn.Module):
     target pass over whole sequences) attends: "einsum" as every other pass (`attend`), or a
     jax.nn.dot_product_attention implementation, "xla" or "cudnn" (GPU: flash attention; on an
     H100 the einsum form's [T, T] softmax was most of the target pass's non-matmul time,
-    experiments/bench_train.py)."""
+    experiments/bench_train.py).
+    `feature_layers`: the layers whose outputs make `Output.features`, side by side: n in
+    1..L is the residual stream after n layers as layer n + 1 reads it (through that layer's
+    input norm), n = L the final norm's output (`hidden`). Empty: `hidden` alone."""
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     fused: bool = False
     causal_attention: str = "einsum"
+    feature_layers: tuple[int, ...] = ()
 
     def setup(self):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -324,17 +335,38 @@ class Transformer(nn.Module):
                 cache.lengths, block_mask, cache.max_length)
         x = nn.with_logical_constraint(self.embed(tokens).astype(jnp.float32),
                                        ("batch", "length", "act_embed"))
-        new_k, new_v = [], []
+        new_k, new_v, residuals = [], [], {}
         for i, layer in enumerate(self.layers):
             layer_kv = None if cache is None else (cache.k[i], cache.v[i])
             x, kv = layer(x, positions, mask, layer_kv, None if cache is None else cache.lengths)
+            residuals[i + 1] = x
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         hidden = self.norm(x)
+        features = self._features(residuals, hidden)
         new_cache = None if cache is None else cache.replace(k=tuple(new_k), v=tuple(new_v))
         if not compute_logits:
-            return Output(None, hidden, new_cache)
+            return Output(None, hidden, new_cache, features)
         head_in = hidden if logits_at is None else jnp.take_along_axis(
             hidden, logits_at[:, None, None], axis=1)
-        return Output(self.logits(head_in), hidden, new_cache)
+        return Output(self.logits(head_in), hidden, new_cache, features)
+
+    def _features(self, residuals: dict[int, jax.Array], hidden: jax.Array) -> jax.Array:
+        """`feature_layers`' outputs side by side, each normalised as the next layer reads it
+        (the target's own norm: residual streams differ in scale by orders of magnitude across
+        layers)."""
+        num_layers = self.config.num_hidden_layers
+        if not self.feature_layers:
+            return hidden
+        if any(not 1 <= n <= num_layers for n in self.feature_layers):
+            raise ValueError(f"feature_layers {self.feature_layers} must lie in 1..{num_layers}")
+        parts = []
+        for n in self.feature_layers:
+            if n == num_layers:
+                parts.append(hidden)
+                continue
+            scale = self.layers[n].variables["params"]["input_layernorm"]["scale"]
+            parts.append(rms_norm(residuals[n], nn.meta.unbox(scale), self.config.rms_norm_eps,
+                                  self.dtype))
+        return jnp.concatenate(parts, axis=-1)

@@ -100,7 +100,8 @@ def make_evaluator(config, target: Target, drafter: parallelspec.ParallelSpec):
 def train(config, workdir: str, on_metrics=None) -> tuple[trainer_lib.Trainer, list[dict]]:
     target, target_name = make_target(config)
     drafter_config = parallelspec.ParallelSpecConfig(
-        target.config, num_masks=config.drafter.num_masks, input_mode=config.drafter.input_mode)
+        target.config, num_masks=config.drafter.num_masks, input_mode=config.drafter.input_mode,
+        feature_layers=tuple(config.drafter.feature_layers))
     train_config = trainer_lib.TrainConfig(
         workdir=workdir, batch_size=config.batch_size, max_length=config.max_length,
         total_steps=config.total_steps, learning_rate=config.learning_rate,

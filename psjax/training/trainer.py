@@ -148,13 +148,14 @@ def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.Parallel
     depth = drafter.config.draft_length
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
     with jax.named_scope("target"):  # PHASES
-        hidden = jax.lax.stop_gradient(target.apply(
-            {"params": target_params}, tokens, positions, compute_logits=False).hidden)
+        out = jax.lax.stop_gradient(target.apply(
+            {"params": target_params}, tokens, positions, compute_logits=False))
+        hidden = out.hidden
     anchors, anchor_valid = sample_anchors(rng, lengths, batch["prompt_lengths"], length,
                                            loss.num_anchors)
     with jax.named_scope("drafter"):
-        groups, every = drafter.training_hidden(params, target_params, tokens, hidden, anchors,
-                                                lengths)
+        groups, every = drafter.training_hidden(params, target_params, tokens, out.features,
+                                                anchors, lengths)
     with jax.named_scope("heads"):
         q_logits = head(groups)
     predicted = anchors[:, :, None] + jnp.arange(1, depth + 1)  # [B, G, k+1] positions drafted
@@ -220,7 +221,8 @@ def step_flops(target_config, drafter_config, batch: int, length: int, num_ancho
     target_fwd = 2 * batch * length * c.num_hidden_layers * layer
     target_fwd += 4 * batch * length * length * q * c.num_hidden_layers  # QK^T and PV
     target_head = 2 * masks * d * v
-    drafter_layer = layer + (2 * d * d if drafter_config.input_mode == "feature" else 0)
+    fc = (d + drafter_config.feature_size) * d if drafter_config.input_mode == "feature" else 0
+    drafter_layer = layer + fc
     drafter = 6 * batch * t_drafter * drafter_layer + 3 * 4 * batch * t_drafter ** 2 * q
     drafter_head = 4 * masks * d * v
     return float(target_fwd + target_head + drafter + drafter_head)
@@ -268,9 +270,11 @@ class Trainer:
                              f"{attention!r}")
         if attention == "auto":
             attention = "cudnn" if jax.default_backend() == "gpu" else "einsum"
-        # The drafter reads the target module for its pass in loss_fn, embeddings and head.
+        # The drafter reads the target module for its pass in loss_fn (with the features it
+        # reads), embeddings and head.
         self.drafter = parallelspec.build(
-            drafter_config, target.module.clone(causal_attention=attention),
+            drafter_config, target.module.clone(causal_attention=attention,
+                                                feature_layers=drafter_config.feature_layers),
             dtype=compute_dtype, param_dtype=jnp.float32)
         self.mesh = sharding.make_mesh(
             *config.mesh, devices=jax.devices()[:config.num_devices or None])
@@ -353,8 +357,7 @@ class Trainer:
     def _meta(self, position: int) -> dict:
         c = self.drafter.config
         return {"data_position": position, "target_name": self.target_name,
-                "drafter": {"num_masks": c.num_masks, "input_mode": c.input_mode,
-                            "target_config": c.target.to_hf_dict()}}
+                "drafter": drafter_hf.config_to_dict(c)}
 
     def restore_or_init(self, ckpt: checkpoint.Checkpointer) -> int:
         """The run's own latest checkpoint, else `init_from` (params only), else scratch.
@@ -390,13 +393,14 @@ class Trainer:
                 other.close()
         exported, params = drafter_hf.load_drafter(path, self.target.module,
                                                    dtype=jnp.float32)
-        ours = self.drafter.config
-        if exported.config != ours:
+        ours, theirs = self.drafter.config, exported.config
+        if theirs != ours:
+            describe = lambda c: (f"k={c.num_masks} {c.input_mode}-mode drafter" + (  # noqa: E731
+                f" with feature_layers {c.feature_layers}" if c.feature_layers else ""))
             raise ValueError(
-                f"init_from={path!r} is a k={exported.config.num_masks} "
-                f"{exported.config.input_mode}-mode drafter; this run trains k={ours.num_masks} "
-                f"{ours.input_mode}-mode: set --config.drafter.num_masks and "
-                "--config.drafter.input_mode to match, or start from scratch")
+                f"init_from={path!r} is a {describe(theirs)}; this run trains a "
+                f"{describe(ours)}: set --config.drafter.num_masks, input_mode and "
+                "feature_layers to match, or start from scratch")
         return jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding), params,
                             abstract.params)
 
