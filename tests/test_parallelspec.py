@@ -183,6 +183,30 @@ def test_trainer_head_equals_the_targets_head(variant):
     np.testing.assert_allclose(grad(ours), grad(reference), rtol=1e-5, atol=1e-6)
 
 
+def test_distillation_loss_equals_its_definition():
+    """The trainer's loss (fewer memory passes, its own backward) gives what log-softmaxes and
+    autodiff give: soft_weight x KL(p || q) + hard_weight x CE, its metrics, q's gradient."""
+    rs = np.random.RandomState(4)
+    p, q = (jnp.asarray(4 * rs.randn(3, 5, 97), jnp.float32) for _ in range(2))
+    labels = jnp.asarray(rs.randint(0, 97, (3, 5)))
+    weights = jnp.asarray(rs.rand(3, 5), jnp.float32)
+
+    def definition(p, q, labels, soft_weight, hard_weight):
+        log_p, log_q = jax.nn.log_softmax(p), jax.nn.log_softmax(q)
+        kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+        ce = -jnp.take_along_axis(log_q, labels[..., None], axis=-1)[..., 0]
+        agree = (jnp.argmax(q, -1) == jnp.argmax(p, -1)).astype(jnp.float32)
+        return soft_weight * kl + hard_weight * ce, kl, ce, agree
+
+    for soft, hard in ((1.0, 0.1), (0.0, 1.0)):
+        ours = trainer_lib._distill(p, q, labels, soft, hard)
+        for a, b in zip(ours, definition(p, q, labels, soft, hard)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        grad = lambda f: jax.grad(lambda q: jnp.sum(weights * f(p, q, labels, soft, hard)[0]))(q)
+        np.testing.assert_allclose(grad(trainer_lib._distill), grad(definition), rtol=1e-5,
+                                   atol=1e-6)
+
+
 def test_holdout_is_never_trained_on_and_measured(tmp_path):
     # Two sets one after the other (data.jsonl_dir A,B): the held-out sample is drawn from both.
     source = [{"tokens": np.arange(i, i + 6), "prompt_length": 2} for i in range(21)]

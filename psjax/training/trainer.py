@@ -11,6 +11,7 @@ acceptance.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -127,15 +128,50 @@ def _head_logits_bwd(residuals, cotangent):
 _head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _distill(p_logits, q_logits, labels, soft_weight: float, hard_weight: float):
-    """Per-prediction loss (soft_weight x KL(p || q) + hard_weight x CE on `labels`), KL, CE
-    and top-1 agreement; logits [..., V], labels [...]."""
-    log_p = jax.nn.log_softmax(p_logits.astype(jnp.float32))
-    log_q = jax.nn.log_softmax(q_logits.astype(jnp.float32))
-    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-    ce = -jnp.take_along_axis(log_q, labels[..., None], axis=-1)[..., 0]
-    agree = (jnp.argmax(q_logits, -1) == jnp.argmax(p_logits, -1)).astype(jnp.float32)
-    return soft_weight * kl + hard_weight * ce, kl, ce, agree
+    """Per-prediction loss (soft_weight x KL(p || q) + hard_weight x cross-entropy of q on
+    `labels`), KL, cross-entropy and top-1 agreement; float32 logits [..., V], labels [...].
+
+    Written for memory passes, which set its time: a k = 3 step's logits are 4,096 x 151,936
+    float32 per model, 2.5 GB each (Qwen2.5-0.5B, batch 16, 64 anchors). The forward reads each
+    array twice (its argmax, which gives the max; then the sums of exponentials) and writes no
+    log-softmax: KL = sum_v e^(p_v - m_p) (p_v - q_v) / Z_p - lse_p + lse_q. The backward
+    makes the logits' gradient in one pass from the saved log-normalisers. Written with
+    log-softmaxes and left to autodiff, the loss took ~10 passes (11 ms of a 42 ms step on an
+    H100, README "Training throughput"). Gradients flow from the loss alone (KL,
+    cross-entropy and agreement are metrics) into q_logits alone (p is the frozen target's)."""
+    return _distill_fwd(p_logits, q_logits, labels, soft_weight, hard_weight)[0]
+
+
+def _distill_fwd(p_logits, q_logits, labels, soft_weight, hard_weight):
+    def top(logits):  # (argmax, max): one reduction
+        index = jnp.argmax(logits, axis=-1)
+        return index, jnp.take_along_axis(logits, index[..., None], axis=-1)
+
+    (p_top, p_max), (q_top, q_max) = top(p_logits), top(q_logits)
+    p_exp = jnp.exp(p_logits - p_max)
+    p_sum = jnp.sum(p_exp, axis=-1)
+    lse_p = p_max[..., 0] + jnp.log(p_sum)
+    lse_q = q_max[..., 0] + jnp.log(jnp.sum(jnp.exp(q_logits - q_max), axis=-1))
+    kl = jnp.sum(p_exp * (p_logits - q_logits), axis=-1) / p_sum - lse_p + lse_q
+    ce = lse_q - jnp.take_along_axis(q_logits, labels[..., None], axis=-1)[..., 0]
+    agree = (q_top == p_top).astype(jnp.float32)
+    out = (soft_weight * kl + hard_weight * ce, kl, ce, agree)
+    return out, (p_logits, q_logits, labels, lse_p, lse_q)
+
+
+def _distill_bwd(soft_weight, hard_weight, residuals, cotangents):
+    p_logits, q_logits, labels, lse_p, lse_q = residuals
+    g = cotangents[0][..., None]  # the loss's; the metrics' are not followed
+    q_prob = jnp.exp(q_logits - lse_q[..., None])
+    p_prob = jnp.exp(p_logits - lse_p[..., None])
+    label = jnp.arange(q_logits.shape[-1]) == labels[..., None]
+    grad = g * (soft_weight * (q_prob - p_prob) + hard_weight * (q_prob - label))
+    return None, grad, None
+
+
+_distill.defvjp(_distill_fwd, _distill_bwd)
 
 
 def loss_fn(params, target_params, batch, rng, *, drafter: parallelspec.ParallelSpec,
