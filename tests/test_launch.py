@@ -36,6 +36,18 @@ def test_gpu_pipeline_splits_a_registry_model_into_carriable_pieces():
     assert result.returncode == 2 and "unknown model qwen7" in result.stderr
 
 
+def test_gpu_pipeline_distills_on_every_gpu():
+    out = dry_run("gpu_pipeline.sh", "distill", "qwen05b", "100", GPUS="2", OUT="/o")
+    for i in (0, 1):
+        assert (f"env CUDA_VISIBLE_DEVICES={i} timeout 0 python3 experiments/generate_data.py "
+                f"--target /tmp/models/qwen05b --dtype bfloat16 --num_prompts 100 --num_shards 2 "
+                f"--shard_index {i}") in out
+        assert f"--out_dir /tmp/distilled/qwen05b.part{i}" in out
+    assert "pack /tmp/distilled/qwen05b.part0 /tmp/distilled/qwen05b.part1 /o/distilled_qwen05b" \
+        in out
+    assert "unpack qwen05b distilled" in out
+
+
 def test_gpu_pipeline_benchmarks_the_train_step():
     out = dry_run("gpu_pipeline.sh", "bench_train", "--num_masks", "1,3", OUT="/o")
     assert ("python3 experiments/bench_train.py --shape qwen2.5-0.5b --out /o/bench_train.json "
