@@ -45,6 +45,8 @@ flags.DEFINE_list("target_attention", ["auto"], "TrainConfig.target_attention va
                   "(auto, einsum, xla, cudnn)")
 flags.DEFINE_integer("num_anchors", 64, "groups per sequence")
 flags.DEFINE_string("input_mode", "feature", "drafter input mode")
+flags.DEFINE_list("feature_layers", [], "target layers the drafter reads (feature mode; "
+                  "empty: the last hidden state)")
 flags.DEFINE_integer("steps", 10, "steps per timing")
 flags.DEFINE_integer("repeats", 3, "timings per variant (median)")
 flags.DEFINE_float("peak_tflops", 989.0, "bf16 dense peak of the card, for MFU")
@@ -66,8 +68,9 @@ def run_variant(target, k: int, dense: float, attention: str, workdir: str) -> d
                                      max_length=FLAGS.max_length, total_steps=10 ** 6, loss=loss,
                                      peak_tflops=FLAGS.peak_tflops,
                                      target_attention=attention)
-    drafter_config = parallelspec.ParallelSpecConfig(target.config, num_masks=k,
-                                                     input_mode=FLAGS.input_mode)
+    drafter_config = parallelspec.ParallelSpecConfig(
+        target.config, num_masks=k, input_mode=FLAGS.input_mode,
+        feature_layers=tuple(int(n) for n in FLAGS.feature_layers))
     trainer = trainer_lib.Trainer(config, target, drafter_config, FLAGS.shape)
     batch = jax.device_put(random_batch(target.config, FLAGS.batch_size, FLAGS.max_length,
                                         FLAGS.prompt_length), trainer.batch_sharding)
@@ -116,7 +119,9 @@ def main(argv):
             rows.append(run_variant(target, int(k), float(dense), attention, workdir))
     result = {"card": card(), "shape": FLAGS.shape, "batch_size": FLAGS.batch_size,
               "max_length": FLAGS.max_length, "num_anchors": FLAGS.num_anchors,
-              "input_mode": FLAGS.input_mode, "jax": jax.__version__, "rows": rows}
+              "input_mode": FLAGS.input_mode,
+              "feature_layers": [int(n) for n in FLAGS.feature_layers], "jax": jax.__version__,
+              "rows": rows}
     print("| k | dense | target attention | step ms | steps/s | tokens/s | MFU |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
