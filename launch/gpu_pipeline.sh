@@ -103,8 +103,8 @@ for p in .up/$name.part??; do mkdir -p \$p.d && mv \$p \$p.d/; done && ls -d .up
   setup)
     run python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
-    # ShareGPT conversations cut to the prompts distill answers (sharegpt.conversation_prompts,
-    # up to 4 turns; 8 MB gzipped): see docs/parallelspec.md for how it is made.
+    # ShareGPT conversations cut to the turns distill answers (up to 4 user turns; 24 MB
+    # gzipped), written here by the `prompts` stage.
     run cp .whl/sharegpt_prompts.json.gz /tmp/ 2>/dev/null || true
     run cp .whl/question.jsonl /tmp/spec_bench.jsonl  # ../shared does not travel
     # BIG-bench task files (psjax.data.bigbench.fetch()'s directory), for distill_tasks.
