@@ -114,18 +114,21 @@ def test_the_train_step_names_its_phases(tmp_path):
 
 
 def test_bench_train_runs(tmp_path):
-    """experiments/bench_train.py at SmolLM2 shapes, a small batch, two variants (on one CPU
-    device: the 8 fake ones of the other tests only slow it down)."""
+    """experiments/bench_train.py at SmolLM2 shapes, a small batch, two variants, a drafter
+    reading three target layers (on one CPU device: the 8 fake ones of the other tests only
+    slow it down)."""
     out = tmp_path / "train.json"
     cmd = [sys.executable, os.path.join(REPO, "experiments", "bench_train.py"),
            "--shape", "smollm2-135m", "--batch_size", "2", "--max_length", "32",
            "--prompt_length", "8", "--num_anchors", "4", "--num_masks", "1,2", "--steps", "1",
-           "--repeats", "1", "--out", str(out)]
+           "--repeats", "1", "--feature_layers", "2,15,30", "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=REPO,
                    env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=""))
-    rows = json.loads(out.read_text())["rows"]
-    assert [r["num_masks"] for r in rows] == [1, 2]
-    assert all(r["steps_per_s"] > 0 and r["model_tflops_per_step"] > 0 for r in rows)
+    result = json.loads(out.read_text())
+    assert result["feature_layers"] == [2, 15, 30]
+    assert [r["num_masks"] for r in result["rows"]] == [1, 2]
+    assert all(r["steps_per_s"] > 0 and r["model_tflops_per_step"] > 0
+               for r in result["rows"])
 
 
 def test_bench_grid_runs(tmp_path):
