@@ -269,7 +269,7 @@ class Output(NamedTuple):
     cache: kv_cache.KVCache | None
     # [B, T, D x n]: what a feature-mode drafter reads (Transformer.feature_layers); `hidden`
     # when no layers are named.
-    features: jax.Array | None = None
+    features: jax.Array
 
 
 class Transformer(nn.Module):
@@ -339,7 +339,8 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_kv = None if cache is None else (cache.k[i], cache.v[i])
             x, kv = layer(x, positions, mask, layer_kv, None if cache is None else cache.lengths)
-            residuals[i + 1] = x
+            if i + 1 in self.feature_layers:
+                residuals[i + 1] = x  # read by _features
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])
@@ -356,9 +357,9 @@ class Transformer(nn.Module):
         """`feature_layers`' outputs side by side, each normalised as the next layer reads it
         (the target's own norm: residual streams differ in scale by orders of magnitude across
         layers)."""
-        num_layers = self.config.num_hidden_layers
         if not self.feature_layers:
             return hidden
+        num_layers = self.config.num_hidden_layers
         if any(not 1 <= n <= num_layers for n in self.feature_layers):
             raise ValueError(f"feature_layers {self.feature_layers} must lie in 1..{num_layers}")
         parts = []
