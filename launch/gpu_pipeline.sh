@@ -57,9 +57,9 @@ for line in sys.stdin:
     print(json.dumps({k: r[k] for k in ("id", "prompt_tokens", "answer_tokens", "finished")}))' \
     | gzip | split -b 15M - "$dest/ids.jsonl.gz.part"
 }
-unpack() {  # unpack MODEL KIND: a pack in .whl/KIND_MODEL -> /tmp/KIND/MODEL
+unpack() {  # unpack MODEL KIND [DIR]: a pack in DIR/KIND_MODEL (default .whl) -> /tmp/KIND/MODEL
   mkdir -p "/tmp/$2/$1"
-  cat ".whl/$2_$1"/ids.jsonl.gz.part* | gunzip > "/tmp/$2/$1/shard-00000.jsonl"
+  cat "${3:-.whl}/$2_$1"/ids.jsonl.gz.part* | gunzip > "/tmp/$2/$1/shard-00000.jsonl"
 }
 # The target answers N prompts into /tmp/KIND/MODEL, packed into $OUT/KIND_MODEL (what
 # `unpack MODEL KIND` reads back). TIME_LIMIT=S stops it after S seconds: resumable, and the
@@ -78,8 +78,7 @@ self_distill() {
   run wait || true
   run pack $(for ((i = 0; i < gpus; i++)); do echo "/tmp/$kind/$model.part$i"; done) \
       "$OUT/${kind}_$model"
-  run mkdir -p .whl && run rm -rf ".whl/${kind}_$model" && \
-      run cp -r "$OUT/${kind}_$model" .whl/ && run unpack "$model" "$kind"
+  run unpack "$model" "$kind" "$OUT"
 }
 declare -A GGUF_SHA=(
   [smol]=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
