@@ -90,6 +90,24 @@ def test_causal_attention_implementation_computes_the_same(variant):
     np.testing.assert_allclose(causal.logits, plain.logits, rtol=1e-5, atol=1e-5)
 
 
+def test_mlp_hidden_dtype_rounds_only_the_mlp_hidden_array():
+    """mlp_hidden_dtype (bfloat16 in the trainer's target pass) rounds gate, up and their
+    product, nothing else: with float32 compute it is the same model; in bfloat16 its logits
+    stay as close to float32's as the default's."""
+    _, path = tiny_models.make("qwen2_mha_tied")
+    config, params = hf.load_hf_dir(path)
+    tokens = jnp.asarray(np.random.RandomState(8).randint(0, config.vocab_size, (2, 24)))
+    positions = jnp.broadcast_to(jnp.arange(24), tokens.shape)
+    logits = lambda **kw: Transformer(config, **kw).apply({"params": params}, tokens,
+                                                         positions).logits
+    exact = logits()
+    np.testing.assert_array_equal(logits(mlp_hidden_dtype=jnp.float32), exact)
+    bf16 = logits(dtype=jnp.bfloat16)
+    bf16_hidden = logits(dtype=jnp.bfloat16, mlp_hidden_dtype=jnp.bfloat16)
+    assert not np.array_equal(bf16_hidden, bf16)
+    assert _rel_err(bf16_hidden, exact) < 1.5 * _rel_err(bf16, exact)
+
+
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])
 def test_features_are_the_normalised_layer_inputs(variant):
     """feature_layers (what a multi-layer feature drafter reads): the residual stream after n

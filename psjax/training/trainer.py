@@ -308,10 +308,12 @@ class Trainer:
         if attention == "auto":
             attention = "cudnn" if jax.default_backend() == "gpu" else "einsum"
         # The drafter reads the target module for its pass in loss_fn (with the features it
-        # reads), embeddings and head.
+        # reads; the MLP's hidden array in the compute dtype: Transformer.mlp_hidden_dtype),
+        # embeddings and head.
         self.drafter = parallelspec.build(
             drafter_config, target.module.clone(causal_attention=attention,
-                                                feature_layers=drafter_config.feature_layers),
+                                                feature_layers=drafter_config.feature_layers,
+                                                mlp_hidden_dtype=target.module.dtype),
             dtype=compute_dtype, param_dtype=jnp.float32)
         self.mesh = sharding.make_mesh(
             *config.mesh, devices=jax.devices()[:config.num_devices or None])
