@@ -41,7 +41,7 @@ flags.DEFINE_integer("max_length", 512, "tokens per sequence")
 flags.DEFINE_integer("prompt_length", 128, "prompt tokens per sequence (no anchors before)")
 flags.DEFINE_list("num_masks", ["3"], "k values to run")
 flags.DEFINE_list("dense_weight", ["0"], "loss.dense_weight values to run")
-flags.DEFINE_list("target_attention", ["auto"], "TrainConfig.target_attention values to run "
+flags.DEFINE_list("attention", ["auto"], "TrainConfig.attention values to run "
                   "(auto, einsum, xla, cudnn)")
 flags.DEFINE_integer("num_anchors", 64, "groups per sequence")
 flags.DEFINE_string("input_mode", "feature", "drafter input mode")
@@ -67,7 +67,7 @@ def run_variant(target, k: int, dense: float, attention: str, workdir: str) -> d
     config = trainer_lib.TrainConfig(workdir=workdir, batch_size=FLAGS.batch_size,
                                      max_length=FLAGS.max_length, total_steps=10 ** 6, loss=loss,
                                      peak_tflops=FLAGS.peak_tflops,
-                                     target_attention=attention)
+                                     attention=attention)
     drafter_config = parallelspec.ParallelSpecConfig(
         target.config, num_masks=k, input_mode=FLAGS.input_mode,
         feature_layers=tuple(int(n) for n in FLAGS.feature_layers))
@@ -88,7 +88,7 @@ def run_variant(target, k: int, dense: float, attention: str, workdir: str) -> d
                                 for _ in range(FLAGS.repeats))
     flops = trainer_lib.step_flops(target.config, drafter_config, FLAGS.batch_size,
                                    FLAGS.max_length, FLAGS.num_anchors, bool(dense))
-    row = {"num_masks": k, "dense_weight": dense, "target_attention": attention,
+    row = {"num_masks": k, "dense_weight": dense, "attention": attention,
            "step_ms": 1e3 * seconds, "steps_per_s": 1 / seconds,
            "tokens_per_s": FLAGS.batch_size * FLAGS.max_length / seconds,
            "model_tflops_per_step": flops / 1e12,
@@ -114,7 +114,7 @@ def main(argv):
     target = random_target(limits.shape_config(FLAGS.shape), dtype="bfloat16", fused=True)
     rows = []
     for k, dense, attention in itertools.product(FLAGS.num_masks, FLAGS.dense_weight,
-                                                 FLAGS.target_attention):
+                                                 FLAGS.attention):
         with tempfile.TemporaryDirectory() as workdir:
             rows.append(run_variant(target, int(k), float(dense), attention, workdir))
     result = {"card": card(), "shape": FLAGS.shape, "batch_size": FLAGS.batch_size,
@@ -125,7 +125,7 @@ def main(argv):
     print("| k | dense | target attention | step ms | steps/s | tokens/s | MFU |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['num_masks']} | {r['dense_weight']:g} | {r['target_attention']} | "
+        print(f"| {r['num_masks']} | {r['dense_weight']:g} | {r['attention']} | "
               f"{r['step_ms']:.1f} | {r['steps_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
               f"{100 * r['mfu']:.1f}% |")
         if "profile" in r:

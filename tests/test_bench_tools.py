@@ -108,8 +108,8 @@ def test_the_train_step_names_its_phases(tmp_path):
     phases = set(limits.scope_phases(hlo, trainer_lib.PHASES).values())
     assert {"target", "drafter", "loss", "optimizer", "backward/drafter",
             "backward/loss"} <= phases, phases
-    typo = dataclasses.replace(config, target_attention="cudnn_flash")
-    with pytest.raises(ValueError, match="target_attention must be one of"):
+    typo = dataclasses.replace(config, attention="cudnn_flash")
+    with pytest.raises(ValueError, match="attention must be one of"):
         trainer_lib.Trainer(typo, target, trainer.drafter.config, "tiny")
 
 

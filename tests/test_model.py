@@ -69,13 +69,12 @@ def test_attention_paths_agree(monkeypatch):
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     # The matmul form through jax.nn.dot_product_attention (its XLA implementation here; the
     # cuDNN one needs a GPU): same head grouping, same mask.
-    monkeypatch.setattr(llama, "MATMUL_ATTENTION", "xla")
-    fused = llama.attend(q, keys, values, mask, jnp.float32)
+    fused = llama.attend(q, keys, values, mask, jnp.float32, implementation="xla")
     np.testing.assert_allclose(fused, outs[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])
-def test_causal_attention_implementation_computes_the_same(variant):
+def test_uncached_attention_implementation_computes_the_same(variant):
     """A pass over whole sequences (the trainer's target pass) through
     jax.nn.dot_product_attention's causal mode (its XLA implementation here; cuDNN's on a GPU)
     gives the einsum form's hidden states and logits."""
@@ -84,8 +83,8 @@ def test_causal_attention_implementation_computes_the_same(variant):
     tokens = jnp.asarray(np.random.RandomState(6).randint(0, config.vocab_size, (2, 24)))
     positions = jnp.broadcast_to(jnp.arange(24), tokens.shape)
     plain = Transformer(config).apply({"params": params}, tokens, positions)
-    causal = Transformer(config, causal_attention="xla").apply({"params": params}, tokens,
-                                                               positions)
+    causal = Transformer(config, uncached_attention="xla").apply({"params": params}, tokens,
+                                                                 positions)
     np.testing.assert_allclose(causal.hidden, plain.hidden, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(causal.logits, plain.logits, rtol=1e-5, atol=1e-5)
 

@@ -74,6 +74,24 @@ def test_training_mode_equals_drafting_mode(tiny_target, mode, layers):
     np.testing.assert_allclose(every[0, jnp.array([19, 5, 22])], groups[0, :, 0], atol=1e-6)
 
 
+def test_training_pass_attention_implementation_computes_the_same(tiny_target):
+    """The trainer's drafter attends through jax.nn.dot_product_attention with the group-wise
+    mask (cuDNN's on a GPU, as the target's pass: Transformer.uncached_attention; XLA's here):
+    the same training logits as the einsum form that the consistency test above checks."""
+    module, params = tiny_target
+    seq = jnp.asarray(np.random.RandomState(2).randint(0, 64, (2, 30)), jnp.int32)
+    full = module.apply({"params": params}, seq, jnp.broadcast_to(jnp.arange(30), (2, 30)))
+    anchors, lengths = jnp.array([[19, 5, 22], [3, 11, 25]]), jnp.array([30, 26])
+    logits = []
+    for attention in ("einsum", "xla"):
+        drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=4),
+                           module.clone(uncached_attention=attention))
+        dparams = ps.init_params(drafter, jax.random.PRNGKey(3))
+        logits.append(drafter.training_logits(dparams, params, seq, full.features, anchors,
+                                              lengths))
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode,layers", MODES)
 def test_random_drafter_is_lossless(tiny_target, mode, layers):
     module, params = tiny_target

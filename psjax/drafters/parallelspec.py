@@ -117,6 +117,8 @@ class ParallelDrafterModule(nn.Module):
     config: ParallelSpecConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    # How the group-wise training pass (no cache) attends: Transformer.uncached_attention.
+    uncached_attention: str = "einsum"
 
     @nn.compact
     def __call__(self, embedding: jax.Array, tokens: jax.Array, features: jax.Array | None,
@@ -148,8 +150,9 @@ class ParallelDrafterModule(nn.Module):
                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
                                                                 ("embed",)))(
                 jnp.concatenate([x, feats], axis=-1))
-        x, new_kv = DecoderLayer(c.layer_config, name="layer", **kw)(x, positions, mask,
-                                                                      cache_kv, starts)
+        layer = DecoderLayer(c.layer_config, name="layer",
+                             uncached_attention=self.uncached_attention, **kw)
+        x, new_kv = layer(x, positions, mask, cache_kv, starts)
         return RMSNorm(c.target.rms_norm_eps, name="norm", **kw)(x), new_kv
 
 
@@ -326,9 +329,11 @@ class ParallelSpec(Drafter):
 
 def build(config: ParallelSpecConfig, target_module: Transformer, dtype=jnp.float32,
           param_dtype=None) -> ParallelSpec:
-    """`dtype` computes, `param_dtype` stores (float32 master weights for training)."""
-    return ParallelSpec(ParallelDrafterModule(config, dtype=dtype,
-                                              param_dtype=param_dtype or dtype), target_module)
+    """`dtype` computes, `param_dtype` stores (float32 master weights for training). The
+    training pass attends as the target module's passes without a cache do."""
+    module = ParallelDrafterModule(config, dtype=dtype, param_dtype=param_dtype or dtype,
+                                   uncached_attention=target_module.uncached_attention)
+    return ParallelSpec(module, target_module)
 
 
 def init_params(drafter: ParallelSpec, rng: jax.Array, unbox: bool = True) -> Any:

@@ -121,13 +121,14 @@ MATMUL_ATTENTION = "einsum"
 
 
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | None,
-           dtype, causal: str = "einsum") -> jax.Array:
+           dtype, implementation: str = "einsum") -> jax.Array:
     """Softmax attention of q [B, T, K, G, H] over keys, values [B, S, K, H] where mask [B, T, S]
     allows; returns [B, T, K, G, H] in `dtype`. Scores and sums accumulate in float32.
 
-    mask None: causal attention of T tokens among themselves (no cache), by
-    jax.nn.dot_product_attention's `causal` implementation ("xla" or "cudnn", cuDNN's flash
-    attention: the [T, T] scores never reach memory). See Transformer.causal_attention.
+    `implementation` "xla" or "cudnn" (cuDNN's flash attention: the [T, S] scores never reach
+    memory): jax.nn.dot_product_attention's, for the products of a pass that is not a few
+    queries; mask None: causal attention of T tokens among themselves (no cache; needs one of
+    these). See Transformer.uncached_attention.
 
     For a few queries against a long cache the products are written as multiply-and-sum, which
     XLA fuses into one reduction per product whatever the cache size. Written as matmuls, they
@@ -138,20 +139,17 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     GEMMs run as two einsums or, by MATMUL_ATTENTION, jax.nn.dot_product_attention."""
     h = q.shape[-1]
     b, t, s = q.shape[0], q.shape[1], keys.shape[1]
-    if mask is None:
-        out = jax.nn.dot_product_attention(q.reshape(b, t, -1, h).astype(keys.dtype), keys,
-                                           values, is_causal=True, implementation=causal)
+    few = mask is not None and b * t * s <= MULTIPLY_SUM_PAIRS
+    if not few and implementation != "einsum":
+        out = jax.nn.dot_product_attention(
+            q.reshape(b, t, -1, h).astype(keys.dtype), keys, values,
+            mask=None if mask is None else mask[:, None], is_causal=mask is None,
+            implementation=implementation)  # query head k * G + g reads kv head k, as here
         return out.reshape(q.shape).astype(dtype)
-    few = b * t * s <= MULTIPLY_SUM_PAIRS
     if few:
         q32 = jnp.moveaxis(q, 1, 3).astype(jnp.float32)  # [B, K, G, T, H]
         k32 = jnp.moveaxis(keys, 1, 2).astype(jnp.float32)  # [B, K, S, H]
         scores = jnp.sum(q32[:, :, :, :, None, :] * k32[:, :, None, None, :, :], axis=-1)
-    elif MATMUL_ATTENTION != "einsum":
-        out = jax.nn.dot_product_attention(
-            q.reshape(b, t, -1, h).astype(keys.dtype), keys, values, mask=mask[:, None],
-            implementation=MATMUL_ATTENTION)  # query head k * G + g reads kv head k, as here
-        return out.reshape(q.shape).astype(dtype)
     else:
         scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(keys.dtype), keys,
                             preferred_element_type=jnp.float32)
@@ -170,7 +168,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype
     param_dtype: jnp.dtype
     fused: bool = False
-    causal_attention: str = "einsum"  # see Transformer
+    uncached_attention: str = "einsum"  # see Transformer
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_kv=None, starts=None):
@@ -197,7 +195,7 @@ class Attention(nn.Module):
 
         q = q.reshape(b, t, k_heads, n // k_heads, h)  # [B, T, K, G, H]
         out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), mask, self.dtype,
-                     self.causal_attention)
+                     self.uncached_attention if cache_kv is None else MATMUL_ATTENTION)
         out = out.reshape(b, t, n * h)
         # Into the float32 residual stream (DecoderLayer) without a bfloat16 rounding.
         out, = _project(self, out, ("o_proj",), (c.hidden_size,), (("heads", "embed"),),
@@ -227,7 +225,7 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     fused: bool = False
-    causal_attention: str = "einsum"  # see Transformer
+    uncached_attention: str = "einsum"  # see Transformer
     mlp_hidden_dtype: jnp.dtype = jnp.float32  # see Transformer
 
     @nn.compact
@@ -242,7 +240,7 @@ class DecoderLayer(nn.Module):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = x.astype(jnp.float32)
         attn_out, new_kv = Attention(c, name="self_attn", fused=self.fused,
-                                     causal_attention=self.causal_attention, **kw)(
+                                     uncached_attention=self.uncached_attention, **kw)(
             RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), positions, mask,
             cache_kv, starts)
         x = x + attn_out
@@ -277,10 +275,11 @@ class Output(NamedTuple):
 class Transformer(nn.Module):
     """The target decoder. `dtype` is the compute dtype, `param_dtype` the weights'. `fused`:
     q/k/v and gate/up each as one matmul (same parameters; for decoding, see `_project`).
-    `causal_attention`: how a pass without a cache and without a block mask (the trainer's
-    target pass over whole sequences) attends: "einsum" as every other pass (`attend`), or a
-    jax.nn.dot_product_attention implementation, "xla" or "cudnn" (GPU: flash attention; on an
-    H100 the einsum form's [T, T] softmax was most of the target pass's non-matmul time,
+    `uncached_attention`: how a pass without a cache attends (the trainer's: the target's over
+    whole sequences, causal, and the drafter's group-wise pass, masked): "einsum" as every
+    other pass (`attend`), or a jax.nn.dot_product_attention implementation, "xla" or "cudnn"
+    (GPU: flash attention; the einsum form's [T, T] softmax was most of the target pass's
+    non-matmul time on an H100, and its transposes most of the drafter's on an H200,
     experiments/bench_train.py).
     `feature_layers`: the layers whose outputs make `Output.features`, side by side: n in
     1..L is the residual stream after n layers as layer n + 1 reads it (through that layer's
@@ -294,7 +293,7 @@ class Transformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     fused: bool = False
-    causal_attention: str = "einsum"
+    uncached_attention: str = "einsum"
     feature_layers: tuple[int, ...] = ()
     mlp_hidden_dtype: jnp.dtype = jnp.float32
 
@@ -304,7 +303,7 @@ class Transformer(nn.Module):
             c.vocab_size, c.hidden_size, name="embed_tokens", **kw,
             embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
         self.layers = [DecoderLayer(c, name=f"layers_{i}", fused=self.fused,
-                                    causal_attention=self.causal_attention,
+                                    uncached_attention=self.uncached_attention,
                                     mlp_hidden_dtype=self.mlp_hidden_dtype, **kw)
                        for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, name="norm", **kw)
@@ -334,7 +333,7 @@ class Transformer(nn.Module):
         With a cache, the new keys/values are written after `cache.lengths` (not committed) and
         every committed slot is visible; without one, the T tokens attend among themselves."""
         b, t = tokens.shape
-        if block_mask is None and cache is None and self.causal_attention != "einsum":
+        if block_mask is None and cache is None and self.uncached_attention != "einsum":
             mask = None  # causal among the T tokens, by jax.nn.dot_product_attention (attend)
         else:
             if block_mask is None:

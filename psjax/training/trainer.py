@@ -38,7 +38,7 @@ from psjax.training import checkpoint, data
 # The named scopes loss_fn and the step mark their phases with: a profile's split
 # (experiments/bench_train.py, bench.limits.scope_phases).
 PHASES = ("target", "drafter", "heads", "loss", "optimizer")
-TARGET_ATTENTION = ("auto", "einsum", "xla", "cudnn")
+TRAIN_ATTENTION = ("auto", "einsum", "xla", "cudnn")
 
 
 @flax.struct.dataclass
@@ -290,9 +290,10 @@ class TrainConfig:
     rules: Sequence = sharding.DEFAULT_RULES
     peak_tflops: float = 989.0  # bf16 dense peak of the card, for MFU
     eval_every: int = 0  # 0: no periodic tau evaluation
-    # How the target's pass over whole sequences attends (Transformer.causal_attention), one of
-    # TARGET_ATTENTION; "auto": cuDNN flash attention on a GPU, the einsum form elsewhere.
-    target_attention: str = "auto"
+    # How the training passes attend (the target's over whole sequences, the drafter's
+    # group-wise pass: Transformer.uncached_attention), one of TRAIN_ATTENTION; "auto": cuDNN
+    # flash attention on a GPU, the einsum form elsewhere.
+    attention: str = "auto"
 
 
 class Trainer:
@@ -301,17 +302,16 @@ class Trainer:
         self.config = config
         self.target = target
         self.target_name = target_name
-        attention = config.target_attention
-        if attention not in TARGET_ATTENTION:
-            raise ValueError(f"target_attention must be one of {TARGET_ATTENTION}, got "
-                             f"{attention!r}")
+        attention = config.attention
+        if attention not in TRAIN_ATTENTION:
+            raise ValueError(f"attention must be one of {TRAIN_ATTENTION}, got {attention!r}")
         if attention == "auto":
             attention = "cudnn" if jax.default_backend() == "gpu" else "einsum"
         # The drafter reads the target module for its pass in loss_fn (with the features it
         # reads; the MLP's hidden array in the compute dtype: Transformer.mlp_hidden_dtype),
-        # embeddings and head.
+        # embeddings and head, and attends as its passes without a cache do.
         self.drafter = parallelspec.build(
-            drafter_config, target.module.clone(causal_attention=attention,
+            drafter_config, target.module.clone(uncached_attention=attention,
                                                 feature_layers=drafter_config.feature_layers,
                                                 mlp_hidden_dtype=target.module.dtype),
             dtype=compute_dtype, param_dtype=jnp.float32)
