@@ -56,7 +56,7 @@ def main(argv):
           f"{spec_s:.2f} s ({n / spec_s:.1f} tok/s), speedup {ar_s / spec_s:.2f}x")
     if target.params["embed_tokens"]["embedding"].devices().pop().platform == "cpu":
         print("(on a CPU a verify pass over k + 1 tokens costs about k + 1 decode steps, so the "
-              "speedup shows on accelerators; see README.md for H100 numbers)")
+              "speedup shows on accelerators; see README.md for GPU numbers)")
     same = spec.sequences() == ar.sequences()
     print("lossless: identical to autoregressive greedy output" if same else
           "MISMATCH: speculative output differs from autoregressive output")
