@@ -122,7 +122,7 @@ def main(argv):
               "input_mode": FLAGS.input_mode,
               "feature_layers": [int(n) for n in FLAGS.feature_layers], "jax": jax.__version__,
               "rows": rows}
-    print("| k | dense | target attention | step ms | steps/s | tokens/s | MFU |")
+    print("| k | dense | attention | step ms | steps/s | tokens/s | MFU |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['num_masks']} | {r['dense_weight']:g} | {r['attention']} | "

@@ -125,10 +125,11 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     """Softmax attention of q [B, T, K, G, H] over keys, values [B, S, K, H] where mask [B, T, S]
     allows; returns [B, T, K, G, H] in `dtype`. Scores and sums accumulate in float32.
 
-    `implementation` "xla" or "cudnn" (cuDNN's flash attention: the [T, S] scores never reach
-    memory): jax.nn.dot_product_attention's, for the products of a pass that is not a few
-    queries; mask None: causal attention of T tokens among themselves (no cache; needs one of
-    these). See Transformer.uncached_attention.
+    `implementation`: "einsum", or jax.nn.dot_product_attention's "xla" or "cudnn" (cuDNN's
+    flash attention: the [T, S] scores never reach memory) for every call but the few-query
+    ones below. Attention passes Transformer.uncached_attention for a pass without a cache,
+    MATMUL_ATTENTION for one with. mask None: causal attention of T tokens among themselves
+    (needs "xla" or "cudnn").
 
     For a few queries against a long cache the products are written as multiply-and-sum, which
     XLA fuses into one reduction per product whatever the cache size. Written as matmuls, they
@@ -136,7 +137,7 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     reduction); past that (a cache of ~1,100 slots for Qwen2.5-0.5B) each becomes a batched GEMM
     of 7 rows with transposes around it. But the reduction reads the keys and values once per
     query, so it loses to the GEMM once rows x queries x slots passes MULTIPLY_SUM_PAIRS; the
-    GEMMs run as two einsums or, by MATMUL_ATTENTION, jax.nn.dot_product_attention."""
+    GEMMs run as two einsums or through `implementation`."""
     h = q.shape[-1]
     b, t, s = q.shape[0], q.shape[1], keys.shape[1]
     few = mask is not None and b * t * s <= MULTIPLY_SUM_PAIRS
