@@ -89,7 +89,7 @@ print(config.total_steps, "steps ->", workdir)'''),
 trainer, history = experiment.train(config, workdir)
 last = history[-1]
 print(f"final loss {last['loss']:.3f}, eval tau {last.get('eval_tau', float('nan')):.2f}, "
-      f"eval mismatches {last.get('eval_mismatches')}")'''),
+      f"eval divergences {last.get('eval_divergences')}")'''),
     new_code_cell('''\
 steps = [m["step"] for m in history]
 plt.figure(figsize=(5, 3))
