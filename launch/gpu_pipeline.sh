@@ -23,6 +23,12 @@
 #                                                (random weights: no model needed), steps/s, MFU;
 #                                                --profile splits it by phase
 #   launch/gpu_pipeline.sh grid MODEL DRAFTER     batch x temperature throughput of each method
+#   launch/gpu_pipeline.sh evaluate MODEL DRAFTER NAME [ARGS]   a drafter's trees fitted on
+#                                                Spec-Bench (design_tree), then Spec-Bench
+#                                                through the engine with its TREE_NODES-node
+#                                                tree (default 16) beside ar, prompt lookup and
+#                                                transformers (METHODS, LIMIT questions a
+#                                                category, default 3): $OUT/eval_NAME/
 #   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts (up
 #                                                to 4 turns each), packed into $OUT to keep;
 #                                                GPUS=G splits them among G GPUs (one process
@@ -143,6 +149,18 @@ torch.__version__, jax.devices())" ;;
     model=$1 drafter=$2; shift 2
     run python3 experiments/bench_grid.py --target "/tmp/models/$model" --drafter "$drafter" \
         --questions /tmp/spec_bench.jsonl --out "$OUT/grid_$model.json" "$@" ;;
+  evaluate)
+    model=$1 drafter=$2 dir=$OUT/eval_$3; shift 3
+    run mkdir -p "$dir"
+    run python3 experiments/design_tree.py --target "/tmp/models/$model" \
+        --questions /tmp/spec_bench.jsonl --per_category 2 --max_prompt_tokens 768 \
+        --max_new_tokens 96 --num_nodes 8,16,32,44,64 --drafter "$drafter" \
+        --out "$dir/tree.json"
+    run python3 experiments/eval_specbench.py --target "/tmp/models/$model" \
+        --questions /tmp/spec_bench.jsonl --limit "${LIMIT:-3}" --max_new_tokens 256 \
+        --prompt_width 512,2048 --text diverged --drafter "$drafter" \
+        --methods "${METHODS:-ar,pld,parallelspec_k2,parallelspec_tree,hf_static_compiled}" \
+        --ps_tree "$dir/tree.json:${TREE_NODES:-16}" --out_dir "$dir" "$@" ;;
   distill)
     model=$1 n=$2; shift 2
     self_distill distilled "$model" "$n" \

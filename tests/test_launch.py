@@ -54,6 +54,17 @@ def test_gpu_pipeline_benchmarks_the_train_step():
             "--num_masks 1,3") in out
 
 
+def test_gpu_pipeline_evaluates_a_drafter_with_its_fitted_tree():
+    out = dry_run("gpu_pipeline.sh", "evaluate", "smollm2", "/k/drafter", "k3", "--warmup", "2",
+                  OUT="/o", TREE_NODES="32")
+    assert ("python3 experiments/design_tree.py --target /tmp/models/smollm2 "
+            "--questions /tmp/spec_bench.jsonl --per_category 2") in out
+    assert "--drafter /k/drafter --out /o/eval_k3/tree.json" in out
+    assert ("--methods ar,pld,parallelspec_k2,parallelspec_tree,hf_static_compiled "
+            "--ps_tree /o/eval_k3/tree.json:32 --out_dir /o/eval_k3 --warmup 2") in out
+    assert out.index("design_tree.py") < out.index("eval_specbench.py")
+
+
 def test_gpu_pipeline_names_an_unknown_stage():
     result = launch("gpu_pipeline.sh", "trian", check=False)
     assert result.returncode == 2 and "unknown stage trian" in result.stderr
