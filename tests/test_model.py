@@ -107,6 +107,21 @@ def test_mlp_hidden_dtype_rounds_only_the_mlp_hidden_array():
     assert _rel_err(bf16_hidden, exact) < 1.5 * _rel_err(bf16, exact)
 
 
+def test_matmul_backward():
+    """llama.matmul (every projection): in float32 autodiff's gradients; in bfloat16 gradients in
+    bfloat16 from a float32 output, whose cotangent autodiff would keep in float32."""
+    rs = np.random.RandomState(9)
+    x, kernel = rs.randn(2, 5, 8).astype(np.float32), rs.randn(8, 6).astype(np.float32)
+    loss = lambda product: lambda x, k: jnp.sum(jnp.sin(product(x, k)))
+    ours = jax.grad(loss(lambda x, k: llama.matmul(x, k, jnp.float32)), argnums=(0, 1))
+    autodiff = jax.grad(loss(lambda x, k: jnp.einsum("...d,df->...f", x, k)), argnums=(0, 1))
+    for a, b in zip(ours(x, kernel), autodiff(x, kernel)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    x16, kernel16 = jnp.asarray(x, jnp.bfloat16), jnp.asarray(kernel, jnp.bfloat16)
+    for a, b in zip(ours(x16, kernel16), autodiff(x, kernel)):
+        assert a.dtype == jnp.bfloat16 and _rel_err(np.asarray(a, np.float32), b) < 2e-2
+
+
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])
 def test_features_are_the_normalised_layer_inputs(variant):
     """feature_layers (what a multi-layer feature drafter reads): the residual stream after n

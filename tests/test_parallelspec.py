@@ -2,6 +2,7 @@
 resumes exactly, and shards without changing the result."""
 
 import os
+import re
 import sys
 
 import jax
@@ -203,6 +204,27 @@ def test_trainer_head_equals_the_targets_head(variant):
     np.testing.assert_allclose(ours(hidden), reference(hidden), rtol=1e-6, atol=1e-6)
     grad = lambda head: jax.grad(lambda h: jnp.sum(jnp.sin(head(h))))(hidden)
     np.testing.assert_allclose(grad(ours), grad(reference), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_train_step_has_no_float32_products(tiny_target):
+    """In a bfloat16 step every matmul of the gradient (the drafter layer's backward, the head's)
+    multiplies bfloat16 arrays: a float32 x float32 product is a TF32 GEMM on a GPU. The
+    drafter's projections return float32, so autodiff made 14 of them (llama.matmul)."""
+    module, params = tiny_target
+    target = Transformer(module.config, dtype=jnp.bfloat16)
+    params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=3), target,
+                       dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    dparams = ps.init_params(drafter, jax.random.PRNGKey(0))
+    batch = {"tokens": jnp.zeros((2, 24), jnp.int32), "lengths": jnp.array([24, 20]),
+             "prompt_lengths": jnp.array([4, 6])}
+    loss = trainer_lib.LossConfig(num_anchors=8)
+    grad = jax.jit(jax.grad(lambda p: trainer_lib.loss_fn(
+        p, params, batch, jax.random.PRNGKey(2), drafter=drafter, loss=loss)[0]))
+    operands = re.findall(r"stablehlo.dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)",
+                          grad.lower(dparams).as_text())
+    assert len(operands) > 14
+    assert [o for o in operands if all(t.endswith("xf32>") for t in o)] == []
 
 
 def test_distillation_loss_equals_its_definition():

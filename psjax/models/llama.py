@@ -10,6 +10,7 @@ G = N // K query heads per KV head, H head dim, D model dim, F MLP dim, V vocab.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import NamedTuple
@@ -31,6 +32,33 @@ def _dense(features, axes, name, use_bias=False, dtype=jnp.float32, param_dtype=
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
+    """x [..., D] times kernel [D, F], both in the compute dtype: products accumulate in float32,
+    the output is `out_dtype`. The backward computes in the inputs' dtype: left to autodiff, a
+    float32 output's cotangent promotes both backward products to float32 (TF32 GEMMs on a
+    GPU): the trainer's head and the drafter layer's 14 products in a bfloat16 step (the
+    layer's projections return float32, DecoderLayer). In float32 it is autodiff's backward."""
+    return jnp.einsum("...d,df->...f", x, kernel, preferred_element_type=out_dtype)
+
+
+def _matmul_fwd(x, kernel, out_dtype):
+    return matmul(x, kernel, out_dtype), (x, kernel)
+
+
+def _matmul_bwd(out_dtype, residuals, cotangent):
+    x, kernel = residuals
+    cotangent = cotangent.astype(x.dtype)
+    grad_x = jnp.einsum("...f,df->...d", cotangent, kernel, preferred_element_type=jnp.float32)
+    grad_kernel = jnp.einsum("nd,nf->df", x.reshape(-1, x.shape[-1]),
+                             cotangent.reshape(-1, cotangent.shape[-1]),
+                             preferred_element_type=jnp.float32)
+    return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def _project(module: nn.Module, x, names, features, axes, use_bias=False, out_dtype=None):
     """x through the Dense layers `names` (HF names and nn.Dense parameters), in order, each
     output in `out_dtype` (default the module's dtype; products accumulate in float32 either way).
@@ -48,8 +76,7 @@ def _project(module: nn.Module, x, names, features, axes, use_bias=False, out_dt
 
     def product(group):  # x times the kernels of `group`, side by side
         kernel = jnp.concatenate([params[n]["kernel"] for n in group], axis=1)
-        y = jnp.einsum("...d,df->...f", x.astype(module.dtype), kernel.astype(module.dtype),
-                       preferred_element_type=out_dtype or module.dtype)
+        y = matmul(x.astype(module.dtype), kernel.astype(module.dtype), out_dtype or module.dtype)
         if use_bias:
             y = y + jnp.concatenate([params[n]["bias"] for n in group]).astype(y.dtype)
         return y

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from psjax import sharding
 from psjax.convert import drafter_hf
 from psjax.drafters import parallelspec
+from psjax.models import llama
 from psjax.models.llama import Transformer
 from psjax.models.target import Target
 from psjax.training import checkpoint, data
@@ -59,8 +60,9 @@ class LossConfig:
     dense_weight: float = 0.0
     # Draft d (0 = the first) weighs depth_decay ** d in the loss (Medusa weighs its heads
     # 0.8 ** d); 1.0 weighs all drafts alike. With k + 1 drafts averaged alike, the first two
-    # carry 2 / (k + 1) of the loss, and drafters with fewer masks drafted them better
-    # (docs/parallelspec.md, "k trained apart").
+    # carry 2 / (k + 1) of the loss, and drafters with fewer masks drafted them better; 0.8
+    # closed most of that gap, and the training config uses it (docs/parallelspec.md, "k
+    # trained apart").
     depth_decay: float = 1.0
 
 
@@ -102,30 +104,14 @@ def _head_kernel(target: Transformer, target_params) -> jax.Array:
     return target_params["lm_head"]["kernel"]
 
 
-@jax.custom_vjp
 def _head_logits(hidden, kernel):
     """Logits through the target's frozen head (`_head_kernel`), for both models in the loss:
     float32 products as `Transformer.logits` computes them (same values), with the input
-    gradient (the drafter's) computed in `hidden`'s dtype. Left to autodiff, the float32
-    cotangent promotes that [N, V] x [V, D] product to a float32 (TF32) GEMM: 3-13 ms of a 60-120 ms step on an H100; cast to bfloat16
-    first, about 2 ms less at k = 3 (experiments/bench_train.py). The head is frozen: no kernel
-    gradient."""
-    return jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype),
-                      preferred_element_type=jnp.float32)
-
-
-def _head_logits_fwd(hidden, kernel):
-    return _head_logits(hidden, kernel), (hidden, kernel)
-
-
-def _head_logits_bwd(residuals, cotangent):
-    hidden, kernel = residuals
-    grad = jnp.einsum("...v,dv->...d", cotangent.astype(hidden.dtype),
-                      kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    return grad.astype(hidden.dtype), jnp.zeros_like(kernel)
-
-
-_head_logits.defvjp(_head_logits_fwd, _head_logits_bwd)
+    gradient (the drafter's) computed in `hidden`'s dtype (`llama.matmul`). Left to autodiff,
+    the float32 cotangent promoted that [N, V] x [V, D] product to a float32 (TF32) GEMM: 3-13
+    ms of a 60-120 ms step on an H100; in bfloat16, about 2 ms less at k = 3
+    (experiments/bench_train.py). The head is frozen: its kernel gradient is never used."""
+    return llama.matmul(hidden, kernel.astype(hidden.dtype), jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
