@@ -32,7 +32,9 @@
 #   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts (up
 #                                                to 4 turns each), packed into $OUT to keep;
 #                                                GPUS=G splits them among G GPUs (one process
-#                                                each), then joins them
+#                                                each), then joins them; KIND=NAME (default
+#                                                distilled) keeps another answer set apart, e.g.
+#                                                KIND=sampled ... --temperature 0.7 --seed 1
 #   launch/gpu_pipeline.sh distill_tasks MODEL N self-distilled answers to N BIG-bench task prompts
 #                                                (psjax.data.bigbench; the task files carried as
 #                                                .whl/bigbench/), packed into $OUT/tasks_MODEL
@@ -163,7 +165,7 @@ torch.__version__, jax.devices())" ;;
         --ps_tree "$dir/tree.json:${TREE_NODES:-16}" --out_dir "$dir" "$@" ;;
   distill)
     model=$1 n=$2; shift 2
-    self_distill distilled "$model" "$n" \
+    self_distill "${KIND:-distilled}" "$model" "$n" \
         --sharegpt /tmp/sharegpt_prompts.json.gz --max_turns 4 "$@" ;;
   distill_tasks)
     model=$1 n=$2; shift 2

@@ -46,6 +46,11 @@ def test_gpu_pipeline_distills_on_every_gpu():
     assert "pack /tmp/distilled/qwen05b.part0 /tmp/distilled/qwen05b.part1 /o/distilled_qwen05b" \
         in out
     assert "unpack qwen05b distilled" in out
+    # A second answer set (sampled) beside the greedy one: its own directories and pack.
+    out = dry_run("gpu_pipeline.sh", "distill", "qwen05b", "100", "--temperature", "0.7",
+                  GPUS="1", OUT="/o", KIND="sampled")
+    assert "--out_dir /tmp/sampled/qwen05b.part0" in out and "--temperature 0.7" in out
+    assert "/o/sampled_qwen05b" in out and "unpack qwen05b sampled" in out
 
 
 def test_gpu_pipeline_benchmarks_the_train_step():
