@@ -108,8 +108,9 @@ def test_mlp_hidden_dtype_rounds_only_the_mlp_hidden_array():
 
 
 def test_matmul_backward():
-    """llama.matmul (every projection): in float32 autodiff's gradients; in bfloat16 gradients in
-    bfloat16 from a float32 output, whose cotangent autodiff would keep in float32."""
+    """llama.matmul (every projection): in float32 autodiff's gradients; in bfloat16, with a
+    float32 output, gradients within bfloat16 rounding of float32's. (That its backward
+    products are bfloat16 ones: test_bfloat16_train_step_has_no_float32_products.)"""
     rs = np.random.RandomState(9)
     x, kernel = rs.randn(2, 5, 8).astype(np.float32), rs.randn(8, 6).astype(np.float32)
     loss = lambda product: lambda x, k: jnp.sum(jnp.sin(product(x, k)))
