@@ -87,6 +87,8 @@ flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass (sampling only)")
 flags.DEFINE_integer("top_k", 0, "top-k filter (sampling only; 0 = off)")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_integer("max_prompt_tokens", 1024, "drop templated prompts longer than this")
+flags.DEFINE_integer("min_prompt_tokens", 0, "drop templated prompts shorter than this (answer "
+                     "the long ones a set with a lower --max_prompt_tokens dropped)")
 flags.DEFINE_integer("max_prompt_chars", 4000, "drop ShareGPT prompts longer than this")
 flags.DEFINE_integer("cache_length", 0, "KV cache slots; 0 = padded prompt + max_new_tokens")
 flags.DEFINE_integer("prompt_width", 0, "pad every batch's prompts to this width (one "
@@ -143,12 +145,12 @@ def main(argv):
         stats = self_distill.generate_answers(
             target, prompts, out_dir, batch_size=FLAGS.batch_size,
             max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
-            max_prompt_tokens=FLAGS.max_prompt_tokens, cache_length=FLAGS.cache_length or None,
-            prompt_width=FLAGS.prompt_width or None,
+            max_prompt_tokens=FLAGS.max_prompt_tokens, min_prompt_tokens=FLAGS.min_prompt_tokens,
+            cache_length=FLAGS.cache_length or None, prompt_width=FLAGS.prompt_width or None,
             shard_size=FLAGS.shard_size, seed=FLAGS.seed, target_name=FLAGS.target)
         print(f"{name}: {stats.written} answered now ({stats.finished} ended on EOS), "
-              f"{stats.already_done} done before, {stats.too_long} prompts too long; "
-              f"{stats.answer_tokens} tokens in {stats.seconds:.1f} s = "
+              f"{stats.already_done} done before, {stats.too_long} prompts too long, "
+              f"{stats.too_short} too short; {stats.answer_tokens} tokens in {stats.seconds:.1f} s = "
               f"{stats.tokens_per_second:.1f} tok/s (compilation included) -> {out_dir}")
 
     if data_dir:

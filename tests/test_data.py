@@ -220,6 +220,11 @@ def test_self_distilled_end_to_end(tmp_path, tiny_target):
     with pytest.raises(ValueError, match="other settings"):
         self_distill.generate_answers(tiny_target, PROMPTS, jsonl,
                                       **{**kwargs, "max_new_tokens": 5})
+    # The long prompts alone, into a set of their own: p2 (13 tokens) only.
+    stats = self_distill.generate_answers(tiny_target, PROMPTS, tmp_path / "long",
+                                          **{**kwargs, "max_prompt_tokens": 16,
+                                             "min_prompt_tokens": 13})
+    assert (stats.written, stats.too_long, stats.too_short) == (1, 0, len(PROMPTS) - 1)
 
     config = builders.self_distilled_config(jsonl)
     assert config.name == "tiny-llama-greedy"

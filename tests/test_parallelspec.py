@@ -251,6 +251,18 @@ def test_distillation_loss_equals_its_definition():
                                    atol=1e-6)
 
 
+def test_collate_crops_the_prompt_before_the_answer():
+    seq = lambda p, a: {"tokens": np.arange(p + a), "prompt_length": p}
+    batch = data.collate([seq(3, 4), seq(10, 3), seq(10, 20), seq(2, 20)], max_length=8)
+    # Short: untouched. Long prompt: its front goes, the whole answer stays. Long prompt and
+    # answer: the prompt's last 8 // 4 = 2 tokens stay, the answer's end goes. Short prompt,
+    # long answer: the answer's end goes.
+    np.testing.assert_array_equal(batch["tokens"][:, 0], [0, 5, 8, 0])
+    np.testing.assert_array_equal(batch["lengths"], [7, 8, 8, 8])
+    np.testing.assert_array_equal(batch["prompt_lengths"], [3, 5, 2, 2])
+    np.testing.assert_array_equal(batch["tokens"][1], np.arange(5, 13))
+
+
 def test_holdout_is_never_trained_on_and_measured(tmp_path):
     # Two sets one after the other (data.jsonl_dir A,B): the held-out sample is drawn from both.
     source = [{"tokens": np.arange(i, i + 6), "prompt_length": 2} for i in range(21)]

@@ -114,6 +114,7 @@ class Stats:
     requested: int = 0
     already_done: int = 0  # ids found in out_dir (a resumed run)
     too_long: int = 0  # prompts over max_prompt_tokens, dropped
+    too_short: int = 0  # prompts under min_prompt_tokens, dropped
     written: int = 0  # new records this call
     finished: int = 0  # of `written`, ended on an EOS token
     prompt_tokens: int = 0
@@ -171,8 +172,8 @@ def generate_answers(target,
                      prompts: Sequence[tuple[str, str | tuple[list, list] | Sequence[int]]],
                      out_dir: str | os.PathLike, *, batch_size: int = 8,
                      max_new_tokens: int = 512, sampling: Sampling = GREEDY,
-                     max_prompt_tokens: int = 1024, cache_length: int | None = None,
-                     prompt_width: int | None = None, shard_size: int = 1000, seed: int = 0,
+                     max_prompt_tokens: int = 1024, min_prompt_tokens: int = 0,
+                     cache_length: int | None = None, prompt_width: int | None = None, shard_size: int = 1000, seed: int = 0,
                      target_name: str = "", eos_ids: Sequence[int] | None = None,
                      progress: bool = True) -> Stats:
     """Answers `prompts` ((id, prompt) pairs) with `target` and appends them to `out_dir`.
@@ -181,7 +182,8 @@ def generate_answers(target,
     (user turns, assistant turns) through `target.chat_prompt(users, assistants)` (the record's
     `prompt` is then the last user turn); a prompt given as a sequence of token ids is taken as
     already templated (targets without a tokenizer). Prompts of more than
-    `max_prompt_tokens` tokens are dropped. The rest are sorted by length and cut into batches of
+    `max_prompt_tokens` tokens are dropped, and those under `min_prompt_tokens` (answer only
+    the long prompts a set with a lower `max_prompt_tokens` left out). The rest are sorted by length and cut into batches of
     similar length, `batch_size` each, decoded the longest first (out of memory shows at once),
     the others in a seeded random order (an interrupted run holds an unbiased sample), with
     psjax.decoding.autoregressive.generate, stopping on `eos_ids` (default: the target's); the
@@ -200,7 +202,8 @@ def generate_answers(target,
     _check_meta(out_dir, {
         "target": target_name, "config_name": config_name(target_name, sampling),
         "sampling": dataclasses.asdict(sampling), "max_new_tokens": max_new_tokens,
-        "max_prompt_tokens": max_prompt_tokens, "eos_ids": list(eos_ids), "seed": seed})
+        "max_prompt_tokens": max_prompt_tokens, "min_prompt_tokens": min_prompt_tokens,
+        "eos_ids": list(eos_ids), "seed": seed})
 
     stats = Stats(requested=len(prompts))
     done = {r["id"] for r in iter_records(out_dir, repair=True)}
@@ -222,6 +225,9 @@ def generate_answers(target,
             text, tokens = None, [int(t) for t in prompt]
         if not tokens or len(tokens) > max_prompt_tokens:
             stats.too_long += 1
+            continue
+        if len(tokens) < min_prompt_tokens:
+            stats.too_short += 1
             continue
         todo.append((pid, text, tokens))
     todo.sort(key=lambda item: -len(item[2]))

@@ -15,17 +15,30 @@ import numpy as np
 
 
 def collate(examples: Sequence[dict], max_length: int, pad_id: int = 0) -> dict:
-    """Crops/pads to [B, max_length]; `lengths` counts real tokens, `prompt_lengths` the prompt."""
+    """Crops/pads to [B, max_length]; `lengths` counts real tokens, `prompt_lengths` the prompt.
+
+    A sequence longer than `max_length` loses prompt tokens from the front first, down to the
+    last `max_length // 4` of its prompt, then answer tokens from the end (`crop_start`):
+    groups are anchored in the answer only, so a head crop would train nothing on an answer
+    after a long prompt. The target's features and distributions are computed on the window
+    itself, so what the drafter learns stays self-consistent."""
     b = len(examples)
     tokens = np.full((b, max_length), pad_id, np.int32)
     lengths = np.zeros((b,), np.int32)
     prompt_lengths = np.zeros((b,), np.int32)
     for i, ex in enumerate(examples):
-        seq = np.asarray(ex["tokens"], np.int32)[:max_length]
+        seq = np.asarray(ex["tokens"], np.int32)
+        start = crop_start(len(seq), int(ex["prompt_length"]), max_length)
+        seq = seq[start:start + max_length]
         tokens[i, :len(seq)] = seq
         lengths[i] = len(seq)
-        prompt_lengths[i] = min(int(ex["prompt_length"]), len(seq))
+        prompt_lengths[i] = min(int(ex["prompt_length"]) - start, len(seq))
     return {"tokens": tokens, "lengths": lengths, "prompt_lengths": prompt_lengths}
+
+
+def crop_start(length: int, prompt_length: int, max_length: int) -> int:
+    """Where `collate`'s window of `max_length` tokens starts in a sequence of `length`."""
+    return max(0, min(length - max_length, prompt_length - max_length // 4))
 
 
 class _Subset(Sequence):
