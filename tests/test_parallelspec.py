@@ -160,6 +160,34 @@ def test_multi_layer_features_train_and_export(tmp_path):
                                             restored.target.hidden_size)
 
 
+def test_nonfinite_steps_are_skipped():
+    tx = trainer_lib.make_optimizer(1e-2, total_steps=10, warmup_steps=0)
+    params = {"w": jnp.ones((3,))}
+    state = tx.init(params)
+    nan = {"w": jnp.array([1.0, jnp.nan, 1.0])}
+    updates, state = tx.update(nan, state, params)
+    np.testing.assert_array_equal(updates["w"], 0.0)  # parameters and moments left alone
+    assert (int(state.notfinite_count), int(state.total_notfinite)) == (1, 1)
+    updates, state = tx.update({"w": jnp.ones((3,))}, state, params)
+    assert np.all(np.asarray(updates["w"]) < 0)  # the next finite step trains
+    assert (int(state.notfinite_count), int(state.total_notfinite)) == (0, 1)
+
+
+def test_training_that_stays_nonfinite_stops_with_finite_parameters(tmp_path, monkeypatch):
+    loss_fn = trainer_lib.loss_fn
+    monkeypatch.setattr(trainer_lib, "loss_fn", lambda *a, **k: jax.tree.map(
+        lambda x: x * jnp.nan, loss_fn(*a, **k)))
+    config = _tiny_config(max_nonfinite_steps=5)  # tiny logs every 5 steps
+    with pytest.raises(FloatingPointError, match="not finite for the last 5 steps"):
+        experiment.train(config, str(tmp_path))
+    params, config_dict, _ = checkpoint.restore_params(str(tmp_path))
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    drafter_config = drafter_hf.config_from_dict(config_dict)
+    with pytest.raises(ValueError, match="not finite: its training diverged"):
+        drafter_hf.save_drafter(str(tmp_path / "export"), drafter_config,
+                                jax.tree.map(lambda x: x * np.nan, params), "tiny")
+
+
 def test_dense_first_draft_loss_trains(tmp_path):
     config = _tiny_config()
     config.loss.dense_weight = 1.0

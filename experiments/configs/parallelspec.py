@@ -55,6 +55,7 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
     c.warmup_steps = 100
     c.weight_decay = 0.0
     c.clip_norm = 1.0
+    c.max_nonfinite_steps = 20  # non-finite steps are skipped; this many in a row stop the run
     c.grad_accum = 1
     # depth_decay 0.8 (draft d weighs 0.8^d; it was 1.0): from scratch on Qwen2.5-Coder-0.5B at
     # k = 4 and k = 8 it gave a higher tau overall at every chain length and tree size (fitted

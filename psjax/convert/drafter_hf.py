@@ -85,6 +85,12 @@ def save_drafter(path: str, drafter_config: parallelspec.ParallelSpecConfig, par
                  max_shard_bytes: int = _DEFAULT_MAX_SHARD_BYTES) -> None:
     """Writes the drafter as an HF-style directory (shards of at most `max_shard_bytes` each,
     with `model.safetensors.index.json`, when one file would be larger)."""
+    bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(params)
+           if not np.isfinite(np.asarray(x, np.float32)).all()]
+    if bad:
+        raise ValueError(f"the drafter's parameters {bad[:3]} (and {max(len(bad) - 3, 0)} more) "
+                         "are not finite: its training diverged; export a checkpoint from "
+                         "before (experiments/export_hf.py --step)")
     hf_config = {
         "architectures": [ARCHITECTURE],
         "model_type": MODEL_TYPE,

@@ -113,7 +113,8 @@ def train(config, workdir: str, on_metrics=None) -> tuple[trainer_lib.Trainer, l
         log_every=config.log_every, checkpoint_every=config.checkpoint_every,
         keep_checkpoints=config.keep_checkpoints, init_from=config.init_from,
         mesh=tuple(config.mesh), num_devices=config.num_devices,
-        peak_tflops=config.peak_tflops, eval_every=config.eval_every)
+        peak_tflops=config.peak_tflops, eval_every=config.eval_every,
+        max_nonfinite_steps=config.max_nonfinite_steps)
     trainer = trainer_lib.Trainer(train_config, target, drafter_config, target_name,
                                   compute_dtype=DTYPES[config.compute_dtype])
     source, holdout = data.split_holdout(make_source(config, target), config.data.holdout,

@@ -75,7 +75,13 @@ def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int,
         end_value=0.1 * learning_rate)
     tx = optax.chain(optax.clip_by_global_norm(clip_norm),
                      optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
-    return optax.MultiSteps(tx, every_k_schedule=grad_accum) if grad_accum > 1 else tx
+    if grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
+    # A step whose gradients are not finite leaves parameters and moments alone (counted in
+    # the state's notfinite_count and total_notfinite): one NaN made every later step NaN in
+    # four GPU runs on 2026-11-30. It never gives up by itself; Trainer.train stops a run
+    # that stays non-finite (TrainConfig.max_nonfinite_steps).
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**30)
 
 
 def anchor_positions(lengths, prompt_lengths, max_length: int):
@@ -276,6 +282,9 @@ class TrainConfig:
     rules: Sequence = sharding.DEFAULT_RULES
     peak_tflops: float = 989.0  # bf16 dense peak of the card, for MFU
     eval_every: int = 0  # 0: no periodic tau evaluation
+    # Stop with an error once this many steps in a row had non-finite gradients (each one is
+    # skipped; checked at logging steps).
+    max_nonfinite_steps: int = 20
     # How the training passes attend (the target's over whole sequences, the drafter's
     # group-wise pass: Transformer.uncached_attention), one of TRAIN_ATTENTION; "auto": cuDNN
     # flash attention on a GPU, the einsum form elsewhere.
@@ -356,6 +365,8 @@ class Trainer:
         with jax.named_scope("optimizer"):
             updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
             metrics["grad_norm"] = optax.tree.norm(grads)
+            metrics["skipped_steps"] = opt_state.total_notfinite
+            metrics["nonfinite_in_a_row"] = opt_state.notfinite_count
             params = optax.apply_updates(state.params, updates)
         return TrainState(state.step + 1, params, opt_state), metrics
 
@@ -468,6 +479,16 @@ class Trainer:
                     _write_summaries(summaries, step + 1, metrics)
                     log_file.write(json.dumps(metrics) + "\n")
                     log_file.flush()
+                    if metrics["nonfinite_in_a_row"] >= cfg.max_nonfinite_steps:
+                        ckpt.save(step + 1, self.state, self._meta(position), force=True)
+                        ckpt.wait()
+                        ckpt.close()
+                        raise FloatingPointError(
+                            f"step {step + 1}: the gradients were not finite for the last "
+                            f"{metrics['nonfinite_in_a_row']} steps (all skipped; "
+                            f"{metrics['skipped_steps']} skipped in all); the parameters are "
+                            f"still finite and saved in {cfg.workdir}. Lower the learning rate, "
+                            f"or look for the batch that starts it in metrics.jsonl")
                     if on_metrics is not None:
                         on_metrics(step + 1, metrics)
                     window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
