@@ -34,7 +34,9 @@
 #                                                GPUS=G splits them among G GPUs (one process
 #                                                each), then joins them; KIND=NAME (default
 #                                                distilled) keeps another answer set apart, e.g.
-#                                                KIND=sampled ... --temperature 0.7 --seed 1
+#                                                KIND=sampled ... --temperature 0.7 --seed 1,
+#                                                or KIND=long ... --min_prompt_tokens 385
+#                                                --max_prompt_tokens 1024 --prompt_width 1024
 #   launch/gpu_pipeline.sh distill_tasks MODEL N self-distilled answers to N BIG-bench task prompts
 #                                                (psjax.data.bigbench; the task files carried as
 #                                                .whl/bigbench/), packed into $OUT/tasks_MODEL
