@@ -32,6 +32,9 @@ import psjax
 from psjax.data import spec_bench
 from psjax.decoding import autoregressive
 from psjax.decoding.tree import Tree
+from psjax.drafters import with_lookup
+from psjax.drafters.base import Context
+from psjax.drafters.prompt_lookup import PromptLookup
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +55,9 @@ flags.DEFINE_integer("width", 8, "candidates ranked per depth")
 flags.DEFINE_list("num_nodes", ["8", "16", "32", "44", "64"], "designed tree sizes")
 flags.DEFINE_multi_string("branching", ["4,2,2,1"], "a branching tree to compare (repeat "
                           "the flag for more)")
+flags.DEFINE_integer("lookup_depth", 0, "> 0: the trees of the drafter with prompt lookup in "
+                     "front (psjax.drafters.with_lookup, eval_specbench's parallelspec_lookup), "
+                     "the lookup drafting up to this deep")
 flags.DEFINE_string("out", "", "JSON file: the designed trees' paths and every tau")
 
 
@@ -93,18 +99,32 @@ def _candidates(target_params, drafter_params, tokens, anchors, length, *, targe
     return jax.lax.top_k(logits[0], width)[1]
 
 
+@functools.partial(jax.jit, static_argnames=("depth",))
+def _with_lookup(own, tokens, anchors, *, depth):
+    """`own` [G, D_own, W] with prompt lookup in front (`with_lookup.combine`), drafting after
+    each anchor of one text [1, L] as the engine does (the context ends at the anchor)."""
+    context = Context(sequence=jnp.broadcast_to(tokens, (anchors.shape[1], tokens.shape[1])),
+                      seq_len=anchors[0] + 1, target_params=None)
+    lookup, usable = PromptLookup().continuations(context, depth, 1)
+    return with_lookup.combine(own, lookup[..., 0], usable[..., 0])
+
+
 def draft_ranks(target, drafter, dparams, texts) -> tuple[np.ndarray, np.ndarray]:
     """[N, D]: at each answer position, the rank of the target's token at each depth among the
     drafter's candidates (-1: not among the top --width, or past the end); [N]: its text's
     category."""
-    depth = drafter.config.draft_length
+    depth = max(drafter.config.draft_length, FLAGS.lookup_depth)
     rows, categories = [], []
     for tokens, prompt_length, category in texts:
         anchors = np.arange(prompt_length - 1, len(tokens) - 1)
-        cands = np.asarray(_candidates(
-            target.params, dparams, jnp.asarray(_pad(np.asarray(tokens), TOKEN_BUCKET)[None]),
-            jnp.asarray(_pad(anchors, ANCHOR_BUCKET)[None]), len(tokens),
-            target_module=target.module, drafter=drafter, width=FLAGS.width))
+        padded = jnp.asarray(_pad(np.asarray(tokens), TOKEN_BUCKET)[None])
+        padded_anchors = jnp.asarray(_pad(anchors, ANCHOR_BUCKET)[None])
+        cands = _candidates(target.params, dparams, padded, padded_anchors, len(tokens),
+                            target_module=target.module, drafter=drafter, width=FLAGS.width)
+        if FLAGS.lookup_depth:
+            # The text past the anchor is masked by seq_len, as in decoding.
+            cands = _with_lookup(cands, padded, padded_anchors, depth=depth)
+        cands = np.asarray(cands)
         for g, anchor in enumerate(anchors):
             row = -np.ones(depth, np.int64)
             for d in range(depth):
@@ -132,12 +152,13 @@ def main(argv):
     ranks, categories = {}, {}
     for name, qs in (("measure", measure), ("design", design)):
         ranks[name], categories[name] = draft_ranks(target, drafter, dparams, answers(target, qs))
-    depth = drafter.config.draft_length
+    depth = max(drafter.config.draft_length, FLAGS.lookup_depth)
     trees = {f"chain {k}": Tree.chain(k) for k in sorted({1, 2, 4, 6, 8, depth}) if k <= depth}
     trees.update({f"branching {b}": Tree.parse(b) for b in FLAGS.branching})
     designed = {int(n): Tree.design(ranks["design"], int(n)) for n in FLAGS.num_nodes}
     trees.update({f"designed {n}": t for n, t in designed.items()})
     results = {"target": FLAGS.target, "drafter": FLAGS.drafter, "dtype": FLAGS.dtype,
+               "lookup_depth": FLAGS.lookup_depth,
                "command": " ".join(sys.argv), "positions": {k: len(v) for k, v in ranks.items()},
                "tau": {}, "tau_per_category": {}, "designed": {n: [list(p) for p in t.paths]
                                                        for n, t in designed.items()}}

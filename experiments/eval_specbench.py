@@ -9,6 +9,8 @@ Methods (`--methods`, comma list, run in this order after `ar`, which always run
   parallelspec_kN    psjax ParallelSpec, a chain of N drafts (N <= the drafter's k + 1): several
                      chain lengths side by side from one drafter
   parallelspec_tree  psjax ParallelSpec with the static tree --ps_tree (branching, or designed)
+  parallelspec_lookup  psjax ParallelSpec with prompt lookup in front (psjax.drafters.
+                     with_lookup), the tree --ps_lookup_tree (design_tree.py --lookup_depth)
   hf_generate        transformers greedy generate (dynamic cache, eager)
   hf_static_compiled transformers with a static cache and the compiled decode step
   hf_pld             transformers prompt lookup (prompt_lookup_num_tokens=--hf_pld_k)
@@ -87,6 +89,8 @@ flags.DEFINE_integer("ps_k", 0, "parallelspec: chain length; 0 = all the drafter
                      "(k masks + 1)")
 flags.DEFINE_string("ps_tree", "4,2,2,1", "parallelspec_tree: branching per depth, or "
                     "FILE.json:N (experiments/design_tree.py's tree of N nodes)")
+flags.DEFINE_string("ps_lookup_tree", "", "parallelspec_lookup: the tree (as --ps_tree; "
+                    "empty: --ps_tree's)")
 flags.DEFINE_list("prompt_width", [], "psjax: pad every prompt to this width (one compilation "
                   "per method; prefill pays for the padding), or to the smallest of several "
                   "(e.g. 512,2048: one compilation each); empty = powers of two")
@@ -133,6 +137,7 @@ def main(argv):
         max_new_tokens=FLAGS.max_new_tokens, dtype=FLAGS.dtype, sampling=sampling,
         pld_k=FLAGS.pld_k, pld_tree_width=FLAGS.pld_tree_width, sps_k=FLAGS.sps_k,
         ps_k=FLAGS.ps_k, ps_tree=Tree.parse(FLAGS.ps_tree),
+        ps_lookup_tree=Tree.parse(FLAGS.ps_lookup_tree or FLAGS.ps_tree),
         hf_pld_k=FLAGS.hf_pld_k,
         draft_dir=hf_baselines.resolve_model(FLAGS.draft) if FLAGS.draft else None,
         drafter_dir=drafter_dir or None,

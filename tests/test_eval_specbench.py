@@ -22,7 +22,8 @@ from psjax.models.target import Target
 
 VOCAB = 64
 N_NEW = 12
-SPECULATIVE = ["pld", "pld_tree", "parallelspec", "parallelspec_k2", "parallelspec_tree"]
+SPECULATIVE = ["pld", "pld_tree", "parallelspec", "parallelspec_k2", "parallelspec_tree",
+               "parallelspec_lookup"]
 QUESTIONS = [
     {"question_id": 81, "category": MT_BENCH, "turns": ["write a poem", "now shorter"]},
     {"question_id": 161, "category": "Translation", "turns": ["translate: hello there"]},
@@ -76,7 +77,8 @@ def run(tmp_path_factory):
     save_drafter(drafter_dir, ps_config, parallelspec.init_params(drafter, jax.random.PRNGKey(0)),
                  target_name="tiny")
     opts = specbench.Options(max_new_tokens=N_NEW, dtype="float32", pld_k=3, pld_tree_width=2,
-                             drafter_dir=drafter_dir, ps_tree=Tree.from_branching((2, 1, 1)))
+                             drafter_dir=drafter_dir, ps_tree=Tree.from_branching((2, 1, 1)),
+                             ps_lookup_tree=Tree.chain(5))
     methods, skipped = specbench.make_methods(
         ["ar"] + SPECULATIVE, target, path, opts)
     assert not skipped

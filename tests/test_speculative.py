@@ -2,6 +2,8 @@
 output follows the autoregressive distribution. On tiny random models (fast) and on the real
 SmolLM2-135M-Instruct."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from psjax.decoding.sampling import Sampling
 from psjax.decoding.tree import Tree
 from psjax.drafters.draft_model import DraftModel
 from psjax.drafters.prompt_lookup import PromptLookup
+from psjax.drafters.with_lookup import WithPromptLookup, merge_candidates
 from psjax.models.llama import Transformer
 
 TREES = {"chain1": Tree.chain(1), "chain4": Tree.chain(4),
@@ -45,11 +48,13 @@ def _drafters(tiny):
     module, params, draft_module, draft_params = tiny
     return {"prompt_lookup": (PromptLookup(), None),
             "draft_random": (DraftModel(draft_module), draft_params),
-            "draft_self": (DraftModel(module), params)}  # perfect drafts: long accepts
+            "draft_self": (DraftModel(module), params),  # perfect drafts: long accepts
+            "lookup_then_draft": (WithPromptLookup(DraftModel(draft_module)), draft_params)}
 
 
 @pytest.mark.parametrize("tree", sorted(TREES))
-@pytest.mark.parametrize("drafter", ["prompt_lookup", "draft_random", "draft_self"])
+@pytest.mark.parametrize("drafter", ["prompt_lookup", "draft_random", "draft_self",
+                                     "lookup_then_draft"])
 def test_tiny_greedy_lossless(tiny, drafter, tree):
     module, params, *_ = tiny
     drafter, drafter_params = _drafters(tiny)[drafter]
@@ -64,6 +69,35 @@ def test_tiny_greedy_lossless(tiny, drafter, tree):
         assert out.accepted.sum() == ref.num_generated.sum() - len(batch)  # first token: prefill
 
 
+def test_lookup_candidates_come_first_without_duplicates():
+    own = np.array([[[5, 6, 7], [8, 9, 1], [2, 3, 4]]])  # [B=1, D=3, W=3]
+    lookup = np.array([[6, 4, 9]])
+    usable = np.array([[True, True, False]])
+    merged = merge_candidates(lookup, usable, own)
+    # depth 0: 6 first, its copy in own dropped; depth 1: 4 first, own's last falls off;
+    # depth 2: no lookup, own as it was.
+    np.testing.assert_array_equal(merged, [[[6, 5, 7], [4, 8, 9], [2, 3, 4]]])
+
+
+def test_lookup_proposes_past_the_drafters_depth(tiny):
+    module, params, draft_module, draft_params = tiny
+    drafter = WithPromptLookup(_DepthLimited(draft_module))
+    prompt = [[3, 9, 4, 3, 9, 4, 3, 9, 4, 3, 9, 4, 3]]
+    ref = autoregressive.generate(module, params, prompt, max_new_tokens=24)
+    out = speculative.generate(module, params, prompt, drafter=drafter,
+                               drafter_params=draft_params, tree=Tree.chain(6),
+                               max_new_tokens=24)
+    assert out.sequences() == ref.sequences()
+    assert out.accepted.max() > 2  # the lookup drafted past the drafter's 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _DepthLimited(DraftModel):
+    @property
+    def max_depth(self):
+        return 2
+
+
 def test_self_drafting_accepts_everything(tiny):
     module, params, *_ = tiny
     out = speculative.generate(module, params, [[1, 2, 3]], drafter=DraftModel(module),
@@ -73,7 +107,8 @@ def test_self_drafting_accepts_everything(tiny):
 
 @pytest.mark.parametrize("drafter, tree", [("draft_random", "chain4"),
                                            ("draft_random", "tree_3_2_1"),
-                                           ("prompt_lookup", "tree_3_2_1")])
+                                           ("prompt_lookup", "tree_3_2_1"),
+                                           ("lookup_then_draft", "tree_3_2_1")])
 def test_tiny_sampling_lossless(tiny16, drafter, tree):
     """Chi-square two-sample test on the joint of generated tokens 2 and 3 (the first token comes
     from the prefill; the next ones go through verification) and on token 4's marginal."""

@@ -65,7 +65,8 @@ from psjax.models.llama import Transformer
 
 OVERALL = "overall"
 BASELINE = "ar"
-PSJAX_METHODS = ("ar", "pld", "pld_tree", "sps", "parallelspec", "parallelspec_tree")
+PSJAX_METHODS = ("ar", "pld", "pld_tree", "sps", "parallelspec", "parallelspec_tree",
+                 "parallelspec_lookup")
 HF_METHODS = ("hf_generate", "hf_static_compiled", "hf_pld", "hf_assisted")
 METHODS = PSJAX_METHODS + HF_METHODS
 _PS_CHAIN = re.compile(r"parallelspec_k([1-9]\d*)")  # parallelspec_k4: a chain of 4 drafts
@@ -206,6 +207,7 @@ class Options:
     sps_k: int = 4
     ps_k: int = 0  # parallelspec chain length; 0 = all the drafter's drafts (k masks + 1)
     ps_tree: Tree = Tree.from_branching((4, 2, 2, 1))  # parallelspec_tree's tree
+    ps_lookup_tree: Tree = Tree.from_branching((4, 2, 2, 1))  # parallelspec_lookup's tree
     hf_pld_k: int = 10  # transformers' prompt_lookup_num_tokens
     draft_dir: str | None = None  # draft model (sps, hf_assisted): an HF directory
     drafter_dir: str | None = None  # trained ParallelSpec drafter directory
@@ -225,6 +227,7 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
     from psjax.convert.drafter_hf import load_drafter
     from psjax.drafters.draft_model import DraftModel
     from psjax.drafters.prompt_lookup import PromptLookup
+    from psjax.drafters.with_lookup import WithPromptLookup
     from psjax.models.target import DTYPES, load_target
 
     unknown = [n for n in names if not is_known(n)]
@@ -261,10 +264,14 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
                 tree = Tree.chain(opts.ps_k or drafter[0].max_depth)  # k masks: k + 1 drafts
             elif chain:
                 tree = Tree.chain(int(chain.group(1)))
+            elif name == "parallelspec_lookup":
+                tree = opts.ps_lookup_tree
             else:
                 tree = opts.ps_tree
-            methods.append(PsjaxMethod(name, target.module, target.params, drafter=drafter[0],
-                                       drafter_params=drafter[1], tree=tree, **psjax_kw))
+            methods.append(PsjaxMethod(
+                name, target.module, target.params, drafter=(
+                    WithPromptLookup(drafter[0]) if name == "parallelspec_lookup"
+                    else drafter[0]), drafter_params=drafter[1], tree=tree, **psjax_kw))
         else:
             if name == "hf_assisted" and not hf_baselines.same_tokenizer(hf_dir, opts.draft_dir):
                 skipped[name] = f"the draft model {opts.draft_dir} has another tokenizer"

@@ -67,7 +67,7 @@ def _generate(module: Transformer, params, drafter: Drafter, drafter_params, tok
     sequence = sequence.at[rows, lengths].set(first)
     context = Context(sequence, lengths + 1, params)
     drafter_state = drafter.init_state(drafter_params, Prompt(tokens, lengths, features), context,
-                                       cache_length)
+                                       cache_length, depth)
     max_steps = max_new_tokens  # each step emits at least one token
     state = State(cache=cache, drafter_state=drafter_state, sequence=sequence,
                   seq_len=lengths + 1, num_generated=jnp.ones((b,), jnp.int32),

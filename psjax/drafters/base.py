@@ -83,8 +83,11 @@ class Drafter(abc.ABC):
         return 0
 
     @abc.abstractmethod
-    def init_state(self, params, prompt: Prompt, context: Context, cache_length: int) -> Any:
-        """`cache_length` has room for the prompt, the generation and one step's lookahead."""
+    def init_state(self, params, prompt: Prompt, context: Context, cache_length: int,
+                   depth: int | None = None) -> Any:
+        """`cache_length` has room for the prompt, the generation and one step's lookahead;
+        `depth`: the deepest draft a step verifies (the tree's), so a step commits at most
+        depth + 1 tokens (None: `max_depth`)."""
 
     @abc.abstractmethod
     def propose(self, params, state, context: Context, depth: int, width: int,

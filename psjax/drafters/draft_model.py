@@ -46,7 +46,7 @@ class DraftModel(Drafter):
     def cache_lookahead(self, depth: int) -> int:
         return depth + 1  # the catch-up block, then the drafts after the root
 
-    def init_state(self, params, prompt, context, cache_length):
+    def init_state(self, params, prompt, context, cache_length, depth=None):
         cache = KVCache.create(self.module.config, prompt.tokens.shape[0], cache_length,
                                self.module.dtype)
         _, _, cache = common.prefill(self.module, params, prompt.tokens, prompt.lengths, cache)

@@ -200,7 +200,13 @@ class ParallelSpec(Drafter):
             mask, None if cache is None else (cache.k[0], cache.v[0]), starts)
         return hidden, kv
 
-    def init_state(self, params, prompt: Prompt, context: Context, cache_length: int):
+    def _commit_width(self, depth: int | None) -> int:
+        """Real tokens one step can commit: the accepted drafts and the bonus token. A tree
+        deeper than k + 1 comes from a drafter in front of this one (with_lookup)."""
+        return max(depth or 0, self.config.draft_length) + 1
+
+    def init_state(self, params, prompt: Prompt, context: Context, cache_length: int,
+                   depth: int | None = None):
         b, p = prompt.tokens.shape
         d = self.config.feature_size
         # Real token j reads h_{j-1}: shift the prompt's features right by one.
@@ -214,14 +220,14 @@ class ParallelSpec(Drafter):
                                                                      cache_length),
                                   cache, cache.lengths)
         cache = cache.replace(k=(k,), v=(v,), lengths=prompt.lengths)
-        width = self.config.draft_length + 1  # the most real tokens one step can commit
+        width = self._commit_width(depth)
         last = jnp.take_along_axis(prompt.features, (prompt.lengths - 1)[:, None, None], axis=1)
         pending = jnp.zeros((b, width, d), prompt.features.dtype).at[:, :1].set(last)
         return DraftState(cache, pending)
 
     def cache_lookahead(self, depth: int) -> int:
-        # One step writes the pending real tokens (up to k + 2) and k masks after the root.
-        return self.config.draft_length + 1 + self.config.num_masks
+        # One step writes the pending real tokens and k masks after the root.
+        return self._commit_width(depth) + self.config.num_masks
 
     def draft_logits(self, params, state: DraftState, context: Context):
         """Draft logits [B, k + 1, V] after the committed sequence (the root's, then

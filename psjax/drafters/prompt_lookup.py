@@ -30,10 +30,18 @@ class PromptLookup(Drafter):
     def vocab_size(self):
         return None
 
-    def init_state(self, params, prompt, context, cache_length):
+    def init_state(self, params, prompt, context, cache_length, depth=None):
         return ()
 
     def propose(self, params, state, context: Context, depth, width, sampling, rng):
+        tokens, usable = self.continuations(context, depth, width)
+        return Proposal(jnp.where(usable, tokens, 0), None), state
+
+    def continuations(self, context: Context, depth: int, width: int
+                      ) -> tuple[jax.Array, jax.Array]:
+        """([B, depth, width] tokens, [B, depth, width] usable): rank r's continuation of the
+        r-th most recent match, and whether it exists (a match was found and the text goes on
+        that far)."""
         seq, seq_len = context.sequence, context.seq_len
         b, s = seq.shape
         found = jnp.zeros((b,), bool)
@@ -57,5 +65,4 @@ class PromptLookup(Drafter):
         index = starts[:, None, :] + jnp.arange(depth)[None, :, None]  # [B, depth, width]
         tokens = jnp.take_along_axis(seq, jnp.clip(index, 0, s - 1).reshape(b, -1), axis=1)
         tokens = tokens.reshape(b, depth, width)
-        usable = valid[:, None, :] & (index < seq_len[:, None, None])
-        return Proposal(jnp.where(usable, tokens, 0), None), state
+        return tokens, valid[:, None, :] & (index < seq_len[:, None, None])
