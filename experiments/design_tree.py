@@ -5,7 +5,9 @@ For each Spec-Bench question the target answers greedily (psjax autoregressive d
 one group-wise pass of the drafter over the text (`ParallelSpec.training_logits`, equal to
 drafting after each position: tested) gives, at every answer position and depth, the rank of
 the target's next token among the drafter's top --width candidates. A tree's tau on those
-ranks is exact for greedy decoding (`Tree.accepted_per_step`), and `Tree.design` picks the best
+ranks is exact for greedy decoding (`Tree.decoded`, stepping over each step's accepted
+drafts; the mean over positions, `Tree.accepted_per_step`, is reported too and overstates it
+where long accepts cluster, e.g. copies found by --lookup_depth), and `Tree.design` picks the best
 tree of each size. Trees are designed on the questions after the first --per_category of each
 category and measured on the first --per_category (the ones eval_specbench --limit runs), so
 the designed trees are not measured on the text they were fitted to.
@@ -109,13 +111,13 @@ def _with_lookup(own, tokens, anchors, *, depth):
     return with_lookup.combine(own, lookup[..., 0], usable[..., 0])
 
 
-def draft_ranks(target, drafter, dparams, texts) -> tuple[np.ndarray, np.ndarray]:
+def draft_ranks(target, drafter, dparams, texts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[N, D]: at each answer position, the rank of the target's token at each depth among the
     drafter's candidates (-1: not among the top --width, or past the end); [N]: its text's
-    category."""
+    category; [N]: its text's index."""
     depth = max(drafter.config.draft_length, FLAGS.lookup_depth)
-    rows, categories = [], []
-    for tokens, prompt_length, category in texts:
+    rows, categories, text_index = [], [], []
+    for index, (tokens, prompt_length, category) in enumerate(texts):
         anchors = np.arange(prompt_length - 1, len(tokens) - 1)
         padded = jnp.asarray(_pad(np.asarray(tokens), TOKEN_BUCKET)[None])
         padded_anchors = jnp.asarray(_pad(anchors, ANCHOR_BUCKET)[None])
@@ -136,7 +138,8 @@ def draft_ranks(target, drafter, dparams, texts) -> tuple[np.ndarray, np.ndarray
                 row[d] = hit[0]
             rows.append(row)
         categories += [category] * len(anchors)
-    return np.stack(rows), np.asarray(categories)
+        text_index += [index] * len(anchors)
+    return np.stack(rows), np.asarray(categories), np.asarray(text_index)
 
 
 def main(argv):
@@ -149,9 +152,19 @@ def main(argv):
     for q in both:  # by question id within each category: the first half is measured on
         seen[q["category"]] = seen.get(q["category"], 0) + 1
         (measure if seen[q["category"]] <= FLAGS.per_category else design).append(q)
-    ranks, categories = {}, {}
+    ranks, categories, text_index = {}, {}, {}
     for name, qs in (("measure", measure), ("design", design)):
-        ranks[name], categories[name] = draft_ranks(target, drafter, dparams, answers(target, qs))
+        ranks[name], categories[name], text_index[name] = draft_ranks(
+            target, drafter, dparams, answers(target, qs))
+
+    def decoded(tree, split, category=None):
+        """Decoding's tau over the texts of `split` (of `category`): tokens / steps
+        (`Tree.decoded`)."""
+        keep = slice(None) if category is None else categories[split] == category
+        counts = [tree.decoded(ranks[split][text_index[split] == t])
+                  for t in np.unique(text_index[split][keep])]
+        return sum(c[0] for c in counts) / max(sum(c[1] for c in counts), 1)
+
     depth = max(drafter.config.draft_length, FLAGS.lookup_depth)
     trees = {f"chain {k}": Tree.chain(k) for k in sorted({1, 2, 4, 6, 8, depth}) if k <= depth}
     trees.update({f"branching {b}": Tree.parse(b) for b in FLAGS.branching})
@@ -160,22 +173,31 @@ def main(argv):
     results = {"target": FLAGS.target, "drafter": FLAGS.drafter, "dtype": FLAGS.dtype,
                "lookup_depth": FLAGS.lookup_depth,
                "command": " ".join(sys.argv), "positions": {k: len(v) for k, v in ranks.items()},
-               "tau": {}, "tau_per_category": {}, "designed": {n: [list(p) for p in t.paths]
+               "tau": {}, "tau_per_category": {}, "tau_decoded_per_category": {},
+               "designed": {n: [list(p) for p in t.paths]
                                                        for n, t in designed.items()}}
     print(f"drafting positions: {results['positions']}")
-    print("| tree | nodes | tau (measured questions) | tau (design questions) |")
-    print("| --- | --- | --- | --- |")
+    # "measure"/"design": the mean over drafting positions; "*_decoded": what greedy decoding
+    # gets, stepping over what each step accepts (lower where long accepts cluster).
+    print("| tree | nodes | tau decoded (measured questions) | tau decoded (design questions) "
+          "| mean over positions (measured) | (design) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, tree in trees.items():
         taus = [tree.accepted_per_step(ranks[s]) for s in ("measure", "design")]
-        results["tau"][name] = {"nodes": tree.num_nodes, "measure": taus[0], "design": taus[1]}
-        print(f"| {name} | {tree.num_nodes} | {taus[0]:.3f} | {taus[1]:.3f} |")
+        dec = [decoded(tree, s) for s in ("measure", "design")]
+        results["tau"][name] = {"nodes": tree.num_nodes, "measure": taus[0], "design": taus[1],
+                                "measure_decoded": dec[0], "design_decoded": dec[1]}
+        print(f"| {name} | {tree.num_nodes} | {dec[0]:.3f} | {dec[1]:.3f} | {taus[0]:.3f} | "
+              f"{taus[1]:.3f} |")
     names = list(dict.fromkeys(categories["measure"]))  # Spec-Bench's order
-    print(f"\ntau per category (measured questions)\n| tree | {' | '.join(names)} |")
+    print(f"\ntau decoded per category (measured questions)\n| tree | {' | '.join(names)} |")
     print("| --- |" + " --- |" * len(names))
     for name, tree in trees.items():
-        taus = {c: tree.accepted_per_step(ranks["measure"][categories["measure"] == c])
-                for c in names}
-        results["tau_per_category"][name] = taus
+        results["tau_per_category"][name] = {
+            c: tree.accepted_per_step(ranks["measure"][categories["measure"] == c])
+            for c in names}
+        taus = {c: decoded(tree, "measure", c) for c in names}
+        results["tau_decoded_per_category"][name] = taus
         print(f"| {name} | " + " | ".join(f"{taus[c]:.3f}" for c in names) + " |")
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:

@@ -142,6 +142,10 @@ def test_tree_design_from_ranks():
     assert tree.paths == ((0,), (1,), (0, 1))
     assert tree.accepted_per_step(ranks) == 1 + (1 + 2 + 1 + 2 + 0) / 5
     assert Tree.design(ranks, num_nodes=100).accepted_per_step(ranks) == 1 + 11 / 5
+    # Decoding one text with a chain of 3: row 0 accepts 3 and emits 4 tokens, so the next
+    # step drafts at row 4 (accepts 0): 5 tokens in 2 steps, not the rows' mean 2.0.
+    assert Tree.chain(3).decoded(ranks) == (5, 2)
+    np.testing.assert_array_equal(Tree.chain(3).accepted(ranks), [3, 1, 0, 1, 0])
     with pytest.raises(ValueError, match="no row"):
         Tree.design(-np.ones((2, 3), int), num_nodes=4)
 

@@ -115,16 +115,28 @@ class Tree:
     def accepted_per_step(self, ranks: np.ndarray) -> float:
         """tau (drafts accepted + the bonus token) this tree gets on `ranks` [N, D]: for N
         drafting positions, the rank among the drafter's candidates of the target's greedy
-        token at each depth (-1: not a candidate, or past the end of the text). A row accepts
-        the longest start of its ranks that is a path of the tree."""
+        token at each depth (-1: not a candidate, or past the end of the text), averaged over
+        the positions. Decoding drafts only where a step starts, which skips the positions a
+        long accept covers: `decoded` gives its tau.""" 
+        return 1.0 + float(np.mean(self.accepted(ranks))) if len(ranks) else 1.0
+
+    def accepted(self, ranks: np.ndarray) -> np.ndarray:
+        """[N] drafts each row accepts: the longest start of its ranks that is a path."""
         paths = set(self.paths)
-        total = 0
-        for row in np.asarray(ranks):
-            depth = 0
-            while depth < len(row) and tuple(int(r) for r in row[:depth + 1]) in paths:
-                depth += 1
-            total += depth
-        return 1.0 + total / max(len(ranks), 1)
+        out = np.zeros(len(ranks), np.int64)
+        for i, row in enumerate(np.asarray(ranks)):
+            while out[i] < len(row) and tuple(int(r) for r in row[:out[i] + 1]) in paths:
+                out[i] += 1
+        return out
+
+    def decoded(self, ranks: np.ndarray) -> tuple[int, int]:
+        """(tokens, steps) of greedy decoding over one text whose consecutive drafting
+        positions are the rows of `ranks`: from the first, each step accepts `accepted` drafts
+        and emits one more token, and the next step drafts after them; tau = tokens / steps."""
+        accepted, tokens, steps, i = self.accepted(ranks), 0, 0, 0
+        while i < len(accepted):
+            tokens, steps, i = tokens + int(accepted[i]) + 1, steps + 1, i + int(accepted[i]) + 1
+        return tokens, steps
 
     # --- derived static arrays ---------------------------------------------------------------
 
