@@ -150,7 +150,8 @@ def main(argv):
             shard_size=FLAGS.shard_size, seed=FLAGS.seed, target_name=FLAGS.target)
         print(f"{name}: {stats.written} answered now ({stats.finished} ended on EOS), "
               f"{stats.already_done} done before, {stats.too_long} prompts too long, "
-              f"{stats.too_short} too short; {stats.answer_tokens} tokens in {stats.seconds:.1f} s = "
+              f"{stats.too_short} too short; {stats.answer_tokens} tokens in "
+              f"{stats.seconds:.1f} s = "
               f"{stats.tokens_per_second:.1f} tok/s (compilation included) -> {out_dir}")
 
     if data_dir:

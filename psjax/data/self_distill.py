@@ -173,7 +173,8 @@ def generate_answers(target,
                      out_dir: str | os.PathLike, *, batch_size: int = 8,
                      max_new_tokens: int = 512, sampling: Sampling = GREEDY,
                      max_prompt_tokens: int = 1024, min_prompt_tokens: int = 0,
-                     cache_length: int | None = None, prompt_width: int | None = None, shard_size: int = 1000, seed: int = 0,
+                     cache_length: int | None = None, prompt_width: int | None = None,
+                     shard_size: int = 1000, seed: int = 0,
                      target_name: str = "", eos_ids: Sequence[int] | None = None,
                      progress: bool = True) -> Stats:
     """Answers `prompts` ((id, prompt) pairs) with `target` and appends them to `out_dir`.
@@ -183,9 +184,10 @@ def generate_answers(target,
     `prompt` is then the last user turn); a prompt given as a sequence of token ids is taken as
     already templated (targets without a tokenizer). Prompts of more than
     `max_prompt_tokens` tokens are dropped, and those under `min_prompt_tokens` (answer only
-    the long prompts a set with a lower `max_prompt_tokens` left out). The rest are sorted by length and cut into batches of
-    similar length, `batch_size` each, decoded the longest first (out of memory shows at once),
-    the others in a seeded random order (an interrupted run holds an unbiased sample), with
+    the long prompts a set with a lower `max_prompt_tokens` left out). The rest are sorted by
+    length and cut into batches of similar length, `batch_size` each, decoded the longest
+    first (out of memory shows at once), the others in a seeded random order (an interrupted
+    run holds an unbiased sample), with
     psjax.decoding.autoregressive.generate, stopping on `eos_ids` (default: the target's); the
     last batch is filled up with copies so every batch has one shape (psjax pads prompt widths
     to powers of two, so there is one compilation per width). Sampling draws from a key derived

@@ -117,7 +117,7 @@ class Tree:
         drafting positions, the rank among the drafter's candidates of the target's greedy
         token at each depth (-1: not a candidate, or past the end of the text), averaged over
         the positions. Decoding drafts only where a step starts, which skips the positions a
-        long accept covers: `decoded` gives its tau.""" 
+        long accept covers: `decoded` gives its tau."""
         return 1.0 + float(np.mean(self.accepted(ranks))) if len(ranks) else 1.0
 
     def accepted(self, ranks: np.ndarray) -> np.ndarray:
