@@ -236,3 +236,27 @@ def test_missing_directory_files(tmp_path):
         ModelConfig.from_hf_dir(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="safetensors"):
         hf.read_safetensors(str(tmp_path))
+
+
+def test_pad_to_tiles_keeps_attention_and_its_gradients():
+    """Masked cuDNN passes are padded to whole tiles (llama.CUDNN_TILE: its backward returns NaN
+    at lengths 64 modulo 128); the padding changes neither the outputs nor the gradients. Checked
+    through jax.nn.dot_product_attention's XLA implementation (cuDNN's needs a GPU)."""
+    rs = np.random.RandomState(7)
+    b, t, heads, kv_heads, h = 2, 11, 4, 2, 8
+    q = jnp.asarray(rs.randn(b, t, heads, h), jnp.float32)
+    k, v = (jnp.asarray(rs.randn(b, t, kv_heads, h), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(np.tril(np.ones((t, t), bool)) & (rs.rand(b, 1, t, t) < 0.8)
+                       | np.eye(t, dtype=bool))
+
+    def loss(q, k, v, padded):
+        qq, kk, vv, mm = llama.pad_to_tiles(q, k, v, mask, tile=8) if padded else (q, k, v, mask)
+        assert not padded or (qq.shape[1] == 16 and kk.shape[1] == 16 and mm.shape[2:] == (16, 16))
+        out = jax.nn.dot_product_attention(qq, kk, vv, mask=mm, implementation="xla")[:, :t]
+        return jnp.sum(jnp.sin(out)), out
+
+    (_, plain), plain_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v, False)
+    (_, padded), padded_grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v, True)
+    np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-6)
+    for got, want in zip(padded_grads, plain_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -147,6 +147,29 @@ MULTIPLY_SUM_PAIRS = 14_336
 MATMUL_ATTENTION = "einsum"
 
 
+# cuDNN's flash attention backward (9.19, as jax 0.11.2 bundles it) gives a masked pass whose
+# length is 64 modulo 128 NaN query gradients in any row whose log-sum-exp is below -88.7 (ln of
+# float32's largest value); pytorch/pytorch#196678 meets it through the same kernel. The
+# drafter's k = 3 training pass is 512 + 64 x 3 = 704 long: its runs went NaN after a few
+# hundred steps (results/train_h200/cudnn_masked_nan/). Masked cuDNN passes are padded to
+# whole tiles.
+CUDNN_TILE = 128
+
+
+def pad_to_tiles(q, keys, values, mask, tile: int = CUDNN_TILE):
+    """q [B, T, N, H], keys and values [B, S, K, H], mask [B, 1, T, S] padded with zeros to T
+    and S multiples of `tile`. Real queries see no padded key; padded queries see every key
+    (a row that sees nothing has no softmax), and their outputs are dropped by the caller."""
+    t, s = q.shape[1], keys.shape[1]
+    pad_t, pad_s = -t % tile, -s % tile
+    if not pad_t and not pad_s:
+        return q, keys, values, mask
+    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
+    mask = jnp.pad(mask, [(0, 0), (0, 0), (0, pad_t), (0, pad_s)])
+    mask = mask | (jnp.arange(t + pad_t) >= t)[:, None]
+    return pad(q, pad_t), pad(keys, pad_s), pad(values, pad_s), mask
+
+
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | None,
            dtype, implementation: str = "einsum") -> jax.Array:
     """Softmax attention of q [B, T, K, G, H] over keys, values [B, S, K, H] where mask [B, T, S]
@@ -169,11 +192,16 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     b, t, s = q.shape[0], q.shape[1], keys.shape[1]
     few = mask is not None and b * t * s <= MULTIPLY_SUM_PAIRS
     if not few and implementation != "einsum":
-        out = jax.nn.dot_product_attention(
-            q.reshape(b, t, -1, h).astype(keys.dtype), keys, values,
-            mask=None if mask is None else mask[:, None], is_causal=mask is None,
-            implementation=implementation)  # query head k * G + g reads kv head k, as here
-        return out.reshape(q.shape).astype(dtype)
+        # query head k * G + g reads kv head k, as here
+        q_heads, mask_heads = q.reshape(b, t, -1, h).astype(keys.dtype), None
+        if mask is not None:
+            mask_heads = mask[:, None]
+            if implementation == "cudnn":
+                q_heads, keys, values, mask_heads = pad_to_tiles(q_heads, keys, values,
+                                                                 mask_heads)
+        out = jax.nn.dot_product_attention(q_heads, keys, values, mask=mask_heads,
+                                           is_causal=mask is None, implementation=implementation)
+        return out[:, :t].reshape(q.shape).astype(dtype)
     if few:
         q32 = jnp.moveaxis(q, 1, 3).astype(jnp.float32)  # [B, K, G, T, H]
         k32 = jnp.moveaxis(keys, 1, 2).astype(jnp.float32)  # [B, K, S, H]
