@@ -28,7 +28,10 @@
 #                                                through the engine with its TREE_NODES-node
 #                                                tree (default 16) beside ar, prompt lookup and
 #                                                transformers (METHODS, LIMIT questions a
-#                                                category, default 3): $OUT/eval_NAME/
+#                                                category, default 3): $OUT/eval_NAME/;
+#                                                LOOKUP_DEPTH=D also fits trees with prompt
+#                                                lookup in front (drafting D deep) and runs
+#                                                parallelspec_lookup (LOOKUP_NODES nodes)
 #   launch/gpu_pipeline.sh distill MODEL N       self-distilled answers to N ShareGPT prompts (up
 #                                                to 4 turns each), packed into $OUT to keep;
 #                                                GPUS=G splits them among G GPUs (one process
@@ -155,16 +158,24 @@ torch.__version__, jax.devices())" ;;
         --questions /tmp/spec_bench.jsonl --out "$OUT/grid_$model.json" "$@" ;;
   evaluate)
     model=$1 drafter=$2 dir=$OUT/eval_$3; shift 3
+    methods=${METHODS:-ar,pld,parallelspec_k2,parallelspec_tree,hf_static_compiled}
+    lookup=()
     run mkdir -p "$dir"
-    run python3 experiments/design_tree.py --target "/tmp/models/$model" \
-        --questions /tmp/spec_bench.jsonl --per_category 2 --max_prompt_tokens 768 \
-        --max_new_tokens 96 --num_nodes 8,16,32,44,64 --drafter "$drafter" \
-        --out "$dir/tree.json"
+    design() {
+      run python3 experiments/design_tree.py --target "/tmp/models/$model" \
+          --questions /tmp/spec_bench.jsonl --per_category 2 --max_prompt_tokens 768 \
+          --max_new_tokens 96 --num_nodes 8,16,32,44,64 --drafter "$drafter" "$@"
+    }
+    design --out "$dir/tree.json"
+    if [[ -n ${LOOKUP_DEPTH:-} ]]; then  # prompt lookup in front, drafting this deep
+      design --lookup_depth "$LOOKUP_DEPTH" --out "$dir/tree_lookup.json"
+      methods+=,parallelspec_lookup
+      lookup=(--ps_lookup_tree "$dir/tree_lookup.json:${LOOKUP_NODES:-${TREE_NODES:-16}}")
+    fi
     run python3 experiments/eval_specbench.py --target "/tmp/models/$model" \
         --questions /tmp/spec_bench.jsonl --limit "${LIMIT:-3}" --max_new_tokens 256 \
-        --prompt_width 512,2048 --text diverged --drafter "$drafter" \
-        --methods "${METHODS:-ar,pld,parallelspec_k2,parallelspec_tree,hf_static_compiled}" \
-        --ps_tree "$dir/tree.json:${TREE_NODES:-16}" --out_dir "$dir" "$@" ;;
+        --prompt_width 512,2048 --text diverged --drafter "$drafter" --methods "$methods" \
+        --ps_tree "$dir/tree.json:${TREE_NODES:-16}" "${lookup[@]}" --out_dir "$dir" "$@" ;;
   distill)
     model=$1 n=$2; shift 2
     self_distill "${KIND:-distilled}" "$model" "$n" \

@@ -68,6 +68,15 @@ def test_gpu_pipeline_evaluates_a_drafter_with_its_fitted_tree():
     assert ("--methods ar,pld,parallelspec_k2,parallelspec_tree,hf_static_compiled "
             "--ps_tree /o/eval_k3/tree.json:32 --out_dir /o/eval_k3 --warmup 2") in out
     assert out.index("design_tree.py") < out.index("eval_specbench.py")
+    assert "lookup" not in out
+
+
+def test_gpu_pipeline_evaluates_prompt_lookup_in_front():
+    out = dry_run("gpu_pipeline.sh", "evaluate", "qwen05b", "/k/d", "x", OUT="/o",
+                  LOOKUP_DEPTH="8", LOOKUP_NODES="32", METHODS="ar,parallelspec_tree")
+    assert "--drafter /k/d --lookup_depth 8 --out /o/eval_x/tree_lookup.json" in out
+    assert ("--methods ar,parallelspec_tree,parallelspec_lookup --ps_tree /o/eval_x/tree.json:16 "
+            "--ps_lookup_tree /o/eval_x/tree_lookup.json:32 --out_dir /o/eval_x") in out
 
 
 def test_gpu_pipeline_names_an_unknown_stage():
