@@ -260,3 +260,28 @@ def test_pad_to_tiles_keeps_attention_and_its_gradients():
     np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-6)
     for got, want in zip(padded_grads, plain_grads):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_attend_pads_masked_cudnn_passes(monkeypatch):
+    """attend hands cuDNN only whole tiles when it passes a mask (the causal form, no mask, is
+    left alone) and returns the unpadded queries' attention: cuDNN replaced by the XLA
+    implementation here, which records what it was given."""
+    seen = []
+    plain_attention = jax.nn.dot_product_attention
+
+    def recording(q, k, v, *, mask=None, is_causal=False, implementation=None):
+        seen.append((q.shape[1], k.shape[1], implementation))
+        return plain_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")
+
+    monkeypatch.setattr(llama.jax.nn, "dot_product_attention", recording)
+    monkeypatch.setattr(llama, "MULTIPLY_SUM_PAIRS", 0)
+    rs = np.random.RandomState(3)
+    q = jnp.asarray(rs.randn(2, 100, 2, 2, 16), jnp.float32)  # [B, T, K, G, H]
+    keys, values = (jnp.asarray(rs.randn(2, 100, 2, 16), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(np.tril(np.ones((100, 100), bool)))[None].repeat(2, 0)
+    masked = llama.attend(q, keys, values, mask, jnp.float32, implementation="cudnn")
+    causal = llama.attend(q, keys, values, None, jnp.float32, implementation="cudnn")
+    assert seen == [(128, 128, "cudnn"), (100, 100, "cudnn")]
+    want = llama.attend(q, keys, values, mask, jnp.float32)  # the einsum form
+    np.testing.assert_allclose(masked, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(causal, want, rtol=1e-5, atol=1e-5)
