@@ -33,7 +33,7 @@ import numpy as np
 import psjax
 from psjax.data import spec_bench
 from psjax.decoding import autoregressive
-from psjax.decoding.tree import Tree
+from psjax.decoding.tree import Tree, decode_walk
 from psjax.drafters import with_lookup
 from psjax.drafters.base import Context
 from psjax.drafters.prompt_lookup import PromptLookup
@@ -157,13 +157,15 @@ def main(argv):
         ranks[name], categories[name], text_index[name] = draft_ranks(
             target, drafter, dparams, answers(target, qs))
 
-    def decoded(tree, split, category=None):
-        """Decoding's tau over the texts of `split` (of `category`): tokens / steps
-        (`Tree.decoded`)."""
-        keep = slice(None) if category is None else categories[split] == category
-        counts = [tree.decoded(ranks[split][text_index[split] == t])
-                  for t in np.unique(text_index[split][keep])]
-        return sum(c[0] for c in counts) / max(sum(c[1] for c in counts), 1)
+    def taus(accepted, split, category=None):
+        """(mean over drafting positions, decoding's tau: tokens / steps over each text,
+        `decode_walk`) for one tree's `accepted` [N] on `split` (of `category`)."""
+        keep = np.ones(len(accepted), bool) if category is None else (
+            categories[split] == category)
+        walks = [decode_walk(accepted[text_index[split] == t])
+                 for t in np.unique(text_index[split][keep])]
+        mean = 1.0 + float(np.mean(accepted[keep])) if keep.any() else 1.0
+        return mean, sum(w[0] for w in walks) / max(sum(w[1] for w in walks), 1)
 
     depth = max(drafter.config.draft_length, FLAGS.lookup_depth)
     trees = {f"chain {k}": Tree.chain(k) for k in sorted({1, 2, 4, 6, 8, depth}) if k <= depth}
@@ -182,23 +184,21 @@ def main(argv):
     print("| tree | nodes | tau decoded (measured questions) | tau decoded (design questions) "
           "| mean over positions (measured) | (design) |")
     print("| --- | --- | --- | --- | --- | --- |")
+    accepted = {name: {s: tree.accepted(ranks[s]) for s in ranks} for name, tree in trees.items()}
     for name, tree in trees.items():
-        taus = [tree.accepted_per_step(ranks[s]) for s in ("measure", "design")]
-        dec = [decoded(tree, s) for s in ("measure", "design")]
-        results["tau"][name] = {"nodes": tree.num_nodes, "measure": taus[0], "design": taus[1],
-                                "measure_decoded": dec[0], "design_decoded": dec[1]}
-        print(f"| {name} | {tree.num_nodes} | {dec[0]:.3f} | {dec[1]:.3f} | {taus[0]:.3f} | "
-              f"{taus[1]:.3f} |")
+        (pos_m, dec_m), (pos_d, dec_d) = (taus(accepted[name][s], s) for s in ("measure", "design"))
+        results["tau"][name] = {"nodes": tree.num_nodes, "measure": pos_m, "design": pos_d,
+                                "measure_decoded": dec_m, "design_decoded": dec_d}
+        print(f"| {name} | {tree.num_nodes} | {dec_m:.3f} | {dec_d:.3f} | {pos_m:.3f} | "
+              f"{pos_d:.3f} |")
     names = list(dict.fromkeys(categories["measure"]))  # Spec-Bench's order
     print(f"\ntau decoded per category (measured questions)\n| tree | {' | '.join(names)} |")
     print("| --- |" + " --- |" * len(names))
-    for name, tree in trees.items():
-        results["tau_per_category"][name] = {
-            c: tree.accepted_per_step(ranks["measure"][categories["measure"] == c])
-            for c in names}
-        taus = {c: decoded(tree, "measure", c) for c in names}
-        results["tau_decoded_per_category"][name] = taus
-        print(f"| {name} | " + " | ".join(f"{taus[c]:.3f}" for c in names) + " |")
+    for name in trees:
+        per = {c: taus(accepted[name]["measure"], "measure", c) for c in names}
+        results["tau_per_category"][name] = {c: t[0] for c, t in per.items()}
+        results["tau_decoded_per_category"][name] = {c: t[1] for c, t in per.items()}
+        print(f"| {name} | " + " | ".join(f"{per[c][1]:.3f}" for c in names) + " |")
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -131,12 +131,8 @@ class Tree:
 
     def decoded(self, ranks: np.ndarray) -> tuple[int, int]:
         """(tokens, steps) of greedy decoding over one text whose consecutive drafting
-        positions are the rows of `ranks`: from the first, each step accepts `accepted` drafts
-        and emits one more token, and the next step drafts after them; tau = tokens / steps."""
-        accepted, tokens, steps, i = self.accepted(ranks), 0, 0, 0
-        while i < len(accepted):
-            tokens, steps, i = tokens + int(accepted[i]) + 1, steps + 1, i + int(accepted[i]) + 1
-        return tokens, steps
+        positions are the rows of `ranks` (`decode_walk` of their `accepted`)."""
+        return decode_walk(self.accepted(ranks))
 
     # --- derived static arrays ---------------------------------------------------------------
 
@@ -201,3 +197,13 @@ class Tree:
             kids.sort(key=lambda i: self.ranks[i - 1])
             out[node, :len(kids)] = kids
         return out
+
+
+def decode_walk(accepted: np.ndarray) -> tuple[int, int]:
+    """(tokens, steps) of greedy decoding over one text whose consecutive drafting positions
+    accept `accepted` drafts each (`Tree.accepted`): from the first, each step accepts its
+    drafts and emits one more token, and the next step drafts after them; tau = tokens / steps."""
+    tokens, steps, i = 0, 0, 0
+    while i < len(accepted):
+        tokens, steps, i = tokens + int(accepted[i]) + 1, steps + 1, i + int(accepted[i]) + 1
+    return tokens, steps
