@@ -33,7 +33,7 @@ import numpy as np
 import psjax
 from psjax.data import spec_bench
 from psjax.decoding import autoregressive
-from psjax.decoding.tree import Tree, decode_walk
+from psjax.decoding.tree import Tree, decode_walk, position_mean
 from psjax.drafters import with_lookup
 from psjax.drafters.base import Context
 from psjax.drafters.prompt_lookup import PromptLookup
@@ -158,14 +158,14 @@ def main(argv):
             target, drafter, dparams, answers(target, qs))
 
     def taus(accepted, split, category=None):
-        """(mean over drafting positions, decoding's tau: tokens / steps over each text,
-        `decode_walk`) for one tree's `accepted` [N] on `split` (of `category`)."""
+        """(mean over drafting positions, `position_mean`; decoding's tau, tokens / steps over
+        each text, `decode_walk`) for one tree's `accepted` [N] on `split` (of `category`)."""
         keep = np.ones(len(accepted), bool) if category is None else (
             categories[split] == category)
         walks = [decode_walk(accepted[text_index[split] == t])
                  for t in np.unique(text_index[split][keep])]
-        mean = 1.0 + float(np.mean(accepted[keep])) if keep.any() else 1.0
-        return mean, sum(w[0] for w in walks) / max(sum(w[1] for w in walks), 1)
+        return position_mean(accepted[keep]), sum(w[0] for w in walks) / max(
+            sum(w[1] for w in walks), 1)
 
     depth = max(drafter.config.draft_length, FLAGS.lookup_depth)
     trees = {f"chain {k}": Tree.chain(k) for k in sorted({1, 2, 4, 6, 8, depth}) if k <= depth}

@@ -118,7 +118,7 @@ class Tree:
         token at each depth (-1: not a candidate, or past the end of the text), averaged over
         the positions. Decoding drafts only where a step starts, which skips the positions a
         long accept covers: `decoded` gives its tau."""
-        return 1.0 + float(np.mean(self.accepted(ranks))) if len(ranks) else 1.0
+        return position_mean(self.accepted(ranks))
 
     def accepted(self, ranks: np.ndarray) -> np.ndarray:
         """[N] drafts each row accepts: the longest start of its ranks that is a path."""
@@ -197,6 +197,12 @@ class Tree:
             kids.sort(key=lambda i: self.ranks[i - 1])
             out[node, :len(kids)] = kids
         return out
+
+
+def position_mean(accepted: np.ndarray) -> float:
+    """tau as the mean over drafting positions that accept `accepted` drafts each
+    (`Tree.accepted`): 1 + their mean, the bonus token included; 1.0 for no position."""
+    return 1.0 + float(np.mean(accepted)) if len(accepted) else 1.0
 
 
 def decode_walk(accepted: np.ndarray) -> tuple[int, int]:
