@@ -5,6 +5,7 @@ SmolLM2-135M-Instruct."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
@@ -15,6 +16,7 @@ from psjax.decoding import autoregressive, common, speculative
 from psjax.decoding.common import CacheTooSmallError
 from psjax.decoding.sampling import Sampling
 from psjax.decoding.tree import Tree
+from psjax.drafters.base import Context
 from psjax.drafters.draft_model import DraftModel
 from psjax.drafters.prompt_lookup import PromptLookup
 from psjax.drafters.with_lookup import WithPromptLookup, merge_candidates
@@ -67,6 +69,21 @@ def test_tiny_greedy_lossless(tiny, drafter, tree):
                                    max_new_tokens=40, eos_ids=(7,))
         assert out.sequences() == ref.sequences()
         assert out.accepted.sum() == ref.num_generated.sum() - len(batch)  # first token: prefill
+
+
+def test_prompt_lookup_continuations_by_recency():
+    # Row 0's tail "1 2" matches at 0 and 3 (3 is the latest): rank 0 continues with 9 5, rank 1
+    # with 3 1; row 1's "8" matches nowhere earlier (no continuation).
+    seq = np.array([[1, 2, 3, 1, 2, 9, 5, 1, 2, 0], [4, 5, 6, 8, 0, 0, 0, 0, 0, 0]])
+    context = Context(jnp.asarray(seq), jnp.asarray([9, 4]), None)
+    lookup = PromptLookup(max_ngram=2)
+    tokens, usable = lookup.continuations(context, depth=2, width=2)
+    np.testing.assert_array_equal(tokens[0], [[9, 3], [5, 1]])
+    np.testing.assert_array_equal(usable, [[[True, True], [True, True]], [[False, False]] * 2])
+    # Width 1 (the lookup in front of a drafter) is rank 0 of the wider search.
+    narrow, narrow_usable = lookup.continuations(context, depth=2, width=1)
+    np.testing.assert_array_equal(narrow, tokens[..., :1])
+    np.testing.assert_array_equal(narrow_usable, usable[..., :1])
 
 
 def test_lookup_candidates_come_first_without_duplicates():
