@@ -53,6 +53,7 @@ from psjax.decoding import autoregressive, speculative
 from psjax.decoding.tree import Tree
 from psjax.drafters import parallelspec
 from psjax.drafters.prompt_lookup import PromptLookup
+from psjax.drafters.with_lookup import WithPromptLookup
 from psjax.models.llama import Transformer
 from psjax.models.target import random_target
 
@@ -67,6 +68,11 @@ flags.DEFINE_integer("k", 7, "ParallelSpec masks: k + 1 drafts per pass")
 flags.DEFINE_integer("chain", 0, "ParallelSpec chain: drafts verified per step (0: k + 1)")
 flags.DEFINE_string("tree", "4,2,2,1", "ParallelSpec tree: branching per depth, or FILE.json:N "
                     "(experiments/design_tree.py's tree of N nodes)")
+flags.DEFINE_string("lookup_tree", "", "also ParallelSpec with prompt lookup in front "
+                    "(parallelspec_lookup) on this tree: FILE.json:N (design_tree.py "
+                    "--lookup_depth's); '' = not measured")
+flags.DEFINE_list("feature_layers", [], "the drafter's target feature layers (as the trained "
+                  "drafter's config; empty: the final hidden state)")
 flags.DEFINE_integer("new_tokens", 128, "tokens generated per timed run")
 flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
 flags.DEFINE_string("tau_from", os.path.join(_REPO, "results", "specbench_qwen05b_h100",
@@ -108,10 +114,10 @@ def newest_dump() -> str:
         return f.read()
 
 
-def profile(target, prompts, prefill: float, drafter, dparams, trees: dict) -> dict:
+def profile(target, prompts, prefill: float, methods: dict, dparams) -> dict:
     """The real autoregressive loop, plain and with fused projections: step time, and kernels
     and device busy time per step from a profiler trace of a generation. Then the same trace
-    of the speculative loop for each tree."""
+    of the speculative loop for each method (drafter, tree)."""
     out = {}
     for fused in (False, True):
         module = Transformer(target.config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
@@ -121,7 +127,7 @@ def profile(target, prompts, prefill: float, drafter, dparams, trees: dict) -> d
             module, target.params, prompts, max_new_tokens=FLAGS.new_tokens),
             steps=FLAGS.new_tokens)
         out["fused" if fused else "plain"] = row
-    for method, tree in trees.items():
+    for method, (drafter, tree) in methods.items():
         run = lambda: speculative.generate(target.module, target.params, prompts, drafter=drafter,
                                            drafter_params=dparams, tree=tree,
                                            max_new_tokens=FLAGS.new_tokens)
@@ -149,18 +155,22 @@ def measure_shape(name: str, bandwidth: float | None, taus: dict) -> dict:
     w_bytes = limits.param_bytes(target.params)
     kv = limits.kv_bytes(config, FLAGS.batch, FLAGS.context)
     prefill = limits.prefill_seconds(target.module, target.params, prompts, FLAGS.repeats)
-    drafter = parallelspec.build(parallelspec.ParallelSpecConfig(config, num_masks=FLAGS.k),
-                                 target.module, dtype=jnp.bfloat16)
+    drafter = parallelspec.build(parallelspec.ParallelSpecConfig(
+        config, num_masks=FLAGS.k, feature_layers=tuple(map(int, FLAGS.feature_layers))),
+        target.module, dtype=jnp.bfloat16)
     dparams = parallelspec.init_params(drafter, jax.random.PRNGKey(1))
-    trees = {"parallelspec": Tree.chain(FLAGS.chain or FLAGS.k + 1),
-             "parallelspec_tree": Tree.parse(FLAGS.tree)}
+    methods = {"parallelspec": (drafter, Tree.chain(FLAGS.chain or FLAGS.k + 1)),
+               "parallelspec_tree": (drafter, Tree.parse(FLAGS.tree))}
+    if FLAGS.lookup_tree:
+        methods["parallelspec_lookup"] = (WithPromptLookup(drafter),
+                                          Tree.parse(FLAGS.lookup_tree))
     if FLAGS.profile_only:
-        return {"profile": profile(target, prompts, prefill, drafter, dparams, trees)}
+        return {"profile": profile(target, prompts, prefill, methods, dparams)}
     row = {"weights_gb": w_bytes / 1e9, "kv_mb": kv / 1e6,
            "floor_ms": 1e3 * (w_bytes + kv) / (bandwidth * 1e12), "prefill_ms": 1e3 * prefill,
            "ar_ms": ar_ms(target.module, target.params, prompts, prefill)}
     row["spec_ms"], row["verify_ms"], row["projection"] = {}, {}, {}
-    for method, tree in trees.items():
+    for method, (drafter, tree) in methods.items():
         step = functools.partial(limits.spec_step_seconds, target.module, target.params,
                                  prompts, tree=tree, new_tokens=FLAGS.new_tokens,
                                  prefill=prefill, repeats=FLAGS.repeats)
@@ -175,7 +185,7 @@ def measure_shape(name: str, bandwidth: float | None, taus: dict) -> dict:
                                          "projected_speedup": tau * row["ar_ms"] / spec}
     print(time.strftime("%H:%M:%S"), json.dumps({name: row}), flush=True)
     if name == FLAGS.profile_shape:
-        row["profile"] = profile(target, prompts, prefill, drafter, dparams, trees)
+        row["profile"] = profile(target, prompts, prefill, methods, dparams)
     return row
 
 
@@ -188,7 +198,7 @@ def read_taus(path: str) -> dict:
 
 
 def table(results: dict) -> str:
-    methods = ("parallelspec", "parallelspec_tree")
+    methods = list(next(iter(results["shapes"].values()))["spec_ms"])
     lines = ["| shape | weights | floor | AR step | AR / floor | " + " | ".join(
         f"{m}: verify step, full step, bound, projected" for m in methods) + " |",
         "|" + " --- |" * (5 + len(methods))]
@@ -219,7 +229,8 @@ def main(argv):
     taus = read_taus(FLAGS.tau_from)
     results = {"card": card(), "jax": jax.__version__, "batch": FLAGS.batch,
                "context": FLAGS.context, "k": FLAGS.k, "chain": FLAGS.chain or FLAGS.k + 1,
-               "tree": FLAGS.tree, "fused": FLAGS.fused,
+               "tree": FLAGS.tree, "lookup_tree": FLAGS.lookup_tree,
+               "feature_layers": FLAGS.feature_layers, "fused": FLAGS.fused,
                "bandwidth_tbps": bandwidth, "tau_from": FLAGS.tau_from, "taus": taus,
                "command": " ".join(sys.argv), "shapes": {}}
     for name in [FLAGS.profile_shape] if FLAGS.profile_only else FLAGS.shapes.split(","):
