@@ -50,6 +50,8 @@ flags.DEFINE_string("questions", os.path.join(_REPO, "..", "shared", "data", "sp
                                               "question.jsonl"), "Spec-Bench question.jsonl")
 flags.DEFINE_string("ps_tree", "4,2,2,1", "parallelspec_tree: branching per depth, or "
                     "FILE.json:N (experiments/design_tree.py's tree of N nodes)")
+flags.DEFINE_string("ps_lookup_tree", "", "parallelspec_lookup: the tree (as --ps_tree; "
+                    "empty: --ps_tree's)")
 flags.DEFINE_integer("pld_k", 10, "pld: chain length")
 flags.DEFINE_enum("matmul_attention", "einsum", ["einsum", "xla", "cudnn"],
                   "llama.MATMUL_ATTENTION: how attention's matmul form (verify passes of a "
@@ -96,8 +98,8 @@ def main(argv):
     bad = [m for m in names if m.startswith(("hf_", "sps")) or not specbench.is_known(m)]
     if bad:
         raise app.UsageError(f"bench_grid runs psjax methods without a draft model (ar, pld, "
-                             f"pld_tree, parallelspec, parallelspec_tree, parallelspec_kN); "
-                             f"got {bad}")
+                             f"pld_tree, parallelspec, parallelspec_tree, parallelspec_lookup, "
+                             f"parallelspec_kN); got {bad}")
     batch_sizes = [int(b) for b in FLAGS.batch_sizes.split(",")]
     llama.MATMUL_ATTENTION = FLAGS.matmul_attention
     hf_dir = hf_baselines.resolve_model(FLAGS.target)
@@ -113,6 +115,7 @@ def main(argv):
             max_new_tokens=FLAGS.max_new_tokens, dtype=FLAGS.dtype,
             sampling=Sampling(temperature), pld_k=FLAGS.pld_k,
             ps_tree=Tree.parse(FLAGS.ps_tree),
+            ps_lookup_tree=Tree.parse(FLAGS.ps_lookup_tree or FLAGS.ps_tree),
             drafter_dir=FLAGS.drafter or None)
         try:
             methods, _ = specbench.make_methods(names, target, hf_dir, opts)

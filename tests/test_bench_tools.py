@@ -138,9 +138,11 @@ def test_bench_grid_runs(tmp_path):
            "--target", "smollm2-135m-instruct", "--drafter",
            os.path.join(REPO, "assets", "drafters", "smollm2-135m-instruct-parallelspec"),
            "--batch_sizes", "1,2", "--temperatures", "0,1", "--max_new_tokens", "4",
-           "--dtype", "float32", "--methods", "ar,parallelspec", "--out", str(out)]
+           "--dtype", "float32", "--methods", "ar,parallelspec,parallelspec_lookup",
+           "--ps_lookup_tree", "2,1", "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
     cells = json.loads(out.read_text())["cells"]
     assert set(cells) == {"0/1", "0/2", "1/1", "1/2"}
     assert cells["0/2"]["ar"]["speedup"] == 1.0
-    assert cells["0/2"]["parallelspec"]["rows_differing"] == 0  # float32: lossless
+    for method in ("parallelspec", "parallelspec_lookup"):  # float32: lossless
+        assert cells["0/2"][method]["rows_differing"] == 0
