@@ -60,6 +60,7 @@ from psjax.bench.timing import card  # noqa: E402
 from psjax.data import spec_bench  # noqa: E402
 from psjax.decoding.sampling import Sampling  # noqa: E402
 from psjax.decoding.tree import Tree  # noqa: E402
+from psjax.models import llama  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,6 +103,9 @@ flags.DEFINE_float("mismatch_ulps", 0.0, "> 0: a divergence is also a near-tie w
                    "of the logit, 0.25 at 32); 0 = the plain --mismatch_gap")
 flags.DEFINE_enum("text", "all", ["all", "diverged"], "questions.jsonl text: every method's, "
                   "or the baseline's plus where a method diverged (smaller files)")
+flags.DEFINE_integer("multiply_sum_pairs", llama.MULTIPLY_SUM_PAIRS, "psjax attention: "
+                     "rows x queries x cache slots up to which a pass with a cache attends by "
+                     "multiply-and-sum rather than matmuls (llama.MULTIPLY_SUM_PAIRS)")
 flags.DEFINE_string("out_dir", "/tmp/psjax_specbench", "where the outputs go")
 
 
@@ -119,6 +123,7 @@ def random_drafter(target, num_masks: int) -> str:
 
 def main(argv):
     del argv
+    llama.MULTIPLY_SUM_PAIRS = FLAGS.multiply_sum_pairs
     names = [m for m in FLAGS.methods.split(",") if m]
     unknown = sorted(n for n in set(names) if not specbench.is_known(n))
     if unknown:
