@@ -5,7 +5,8 @@ depend on the values), at batch --batch with --context tokens in the cache:
   floor_ms      bytes of weights + KV cache read per step / measured memory bandwidth
   ar_ms         a step of psjax's autoregressive loop (sampling and bookkeeping included)
   spec_ms[m]    a step of psjax's speculative loop for method m (ParallelSpec with k masks and
-                a random drafter, chain of k + 1 and tree): draft + verify + accept + commit
+                a random drafter, chain of k + 1 and tree; with --lookup_tree also prompt
+                lookup in front of it): draft + verify + accept + commit
   verify_ms[m]  the same loop and tree with prompt lookup, a drafter that costs next to nothing:
                 a verify step with its acceptance
 Then, with tau per method measured on real models (--tau_from: a Spec-Bench summary.json):
