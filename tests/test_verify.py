@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from psjax.decoding import verify
-from psjax.decoding.sampling import Sampling, probabilities
+from psjax.decoding.sampling import Sampling, probabilities, top_k
 from psjax.decoding.tree import Tree
 
 V = 8
@@ -100,6 +100,19 @@ def test_sampling_filters():
     hot = np.asarray(probabilities(logits, Sampling(0.5)))[0]
     expected = np.array([0.05, 0.1, 0.15, 0.3, 0.4]) ** 2
     np.testing.assert_allclose(hot[:5], expected / expected.sum(), atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 8, 9])  # 9: past ROUNDS_TOP_K, lax.top_k itself
+def test_top_k_equals_lax_top_k_with_ties(k):
+    rs = np.random.RandomState(k)
+    logits = jnp.asarray(rs.randint(-3, 4, (2, 3, 40)).astype(np.float32))  # many ties
+    scores = jnp.asarray(rs.randint(-1, 5, (2, 40)).astype(np.int32))  # lookup-style ints
+    for x in (logits, scores):
+        values, indices = top_k(x, k)
+        ref_values, ref_indices = jax.lax.top_k(x, k)
+        assert indices.dtype == jnp.int32
+        np.testing.assert_array_equal(values, ref_values)
+        np.testing.assert_array_equal(indices, ref_indices)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from psjax.decoding import common
-from psjax.decoding.sampling import Sampling, probabilities
+from psjax.decoding.sampling import Sampling, probabilities, top_k
 from psjax.drafters.base import Context, Drafter, Proposal
 from psjax.models.kv_cache import KVCache
 from psjax.models.llama import Transformer
@@ -22,13 +22,10 @@ from psjax.models.llama import Transformer
 def candidates_from_logits(logits: jax.Array, width: int, sampling: Sampling, rng: jax.Array):
     """Rank-ordered candidates [B, width] and the distribution they came from [B, V].
 
-    Greedy: the top-`width` tokens (one: an argmax, a fused reduction, where XLA's TopK kernel
-    took 0.02 ms of a 1.3 ms chain step on an H100, results/profile_h100/). Sampling: `width`
-    independent draws from q, as the lossless multi-candidate rule requires."""
+    Greedy: the top-`width` tokens (`sampling.top_k`: fused rounds of argmax). Sampling:
+    `width` independent draws from q, as the lossless multi-candidate rule requires."""
     if sampling.greedy:
-        if width == 1:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)[..., None], None
-        return jax.lax.top_k(logits, width)[1].astype(jnp.int32), None
+        return top_k(logits, width)[1], None
     q = probabilities(logits, sampling)
     draws = jax.random.categorical(rng, jnp.log(q)[:, None, :], axis=-1,
                                    shape=(q.shape[0], width))

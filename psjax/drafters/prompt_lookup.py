@@ -12,6 +12,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from psjax.decoding.sampling import top_k
 from psjax.drafters.base import Context, Drafter, Proposal
 
 
@@ -57,7 +58,7 @@ class PromptLookup(Drafter):
             j = jnp.arange(windows)
             # The match must end before the tail starts, and the tail must exist.
             ok = equal & (j[None, :] + g < seq_len[:, None]) & (seq_len[:, None] >= g + 1)
-            score, where = _latest(jnp.where(ok, j[None, :], -1), width)
+            score, where = top_k(jnp.where(ok, j[None, :], -1), width)
             take = ~found[:, None]
             starts = jnp.where(take, where + g, starts)
             valid = jnp.where(take, score >= 0, valid)
@@ -67,12 +68,3 @@ class PromptLookup(Drafter):
         tokens = tokens.reshape(b, depth, width)
         return tokens, valid[:, None, :] & (index < seq_len[:, None, None])
 
-
-def _latest(scores: jax.Array, width: int) -> tuple[jax.Array, jax.Array]:
-    """The `width` largest [B, W] of scores [B, N] and where they are, as `lax.top_k`. Width 1
-    (the lookup in front of a drafter) as a max-reduction: XLA fuses it, where top_k runs its
-    own sort kernel over the whole sequence buffer."""
-    if width > 1:
-        return jax.lax.top_k(scores, width)
-    best = scores.max(axis=1, keepdims=True)
-    return best, jnp.maximum(best, 0).astype(jnp.int32)
