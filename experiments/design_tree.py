@@ -33,6 +33,7 @@ import numpy as np
 import psjax
 from psjax.data import spec_bench
 from psjax.decoding import autoregressive
+from psjax.decoding.sampling import top_k
 from psjax.decoding.tree import Tree, decode_walk, position_mean
 from psjax.drafters import with_lookup
 from psjax.drafters.base import Context
@@ -98,7 +99,7 @@ def _candidates(target_params, drafter_params, tokens, anchors, length, *, targe
         compute_logits=False).features
     logits = drafter.training_logits(drafter_params, target_params, tokens, features, anchors,
                                      jnp.reshape(length, (1,)))  # [1, G, D, V]
-    return jax.lax.top_k(logits[0], width)[1]
+    return top_k(logits[0], width)[1]  # ranked as drafting ranks them
 
 
 @functools.partial(jax.jit, static_argnames=("depth",))
