@@ -67,4 +67,3 @@ class PromptLookup(Drafter):
         tokens = jnp.take_along_axis(seq, jnp.clip(index, 0, s - 1).reshape(b, -1), axis=1)
         tokens = tokens.reshape(b, depth, width)
         return tokens, valid[:, None, :] & (index < seq_len[:, None, None])
-
