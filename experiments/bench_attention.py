@@ -1,7 +1,8 @@
 """A decode step's time against the cache size, with attention written as multiply-and-sum (psjax's
 default up to `llama.MULTIPLY_SUM_PAIRS` queries x cache slots) and as matmuls
 (`--multiply_sum_pairs 0`; `--matmul_attention einsum,cudnn` also times the matmul form as one
-fused cuDNN kernel): issue 2's
+fused cuDNN kernel; `--gemm_min_rows 1,2` times one-row projections as XLA's reductions and
+as two-row GEMMs): issue 2's
 "find where the time between kernels goes". With --chains, also a speculative step verifying
 N + 1 queries (a prompt-lookup chain of N drafts: the verify cost, whatever is accepted).
 
@@ -39,6 +40,8 @@ flags.DEFINE_list("multiply_sum_pairs", ["1000000", "0"], "llama.MULTIPLY_SUM_PA
                   "compare (0: matmuls; the recorded runs' few_queries 64 = 1000000 here)")
 flags.DEFINE_list("matmul_attention", ["einsum"], "llama.MATMUL_ATTENTION values to compare "
                   "(einsum, xla, cudnn): how the matmul form runs")
+flags.DEFINE_list("gemm_min_rows", ["2"], "llama.GEMM_MIN_ROWS values (for this backend) to "
+                  "compare (1: one-row products left to XLA, which makes them reductions)")
 flags.DEFINE_list("chains", ["0"], "draft chain lengths N; 0 = the autoregressive step")
 flags.DEFINE_list("batch_sizes", ["1"], "rows per step")
 flags.DEFINE_integer("new_tokens", 256, "tokens generated per timed run")
@@ -54,12 +57,14 @@ def main(argv):
     for batch, context in itertools.product(map(int, FLAGS.batch_sizes),
                                             map(int, FLAGS.contexts)):
         prompts = np.random.default_rng(0).integers(0, 1000, (batch, context)).tolist()
-        for pairs, kernel in itertools.product(map(int, FLAGS.multiply_sum_pairs),
-                                               FLAGS.matmul_attention):
+        for pairs, kernel, rows in itertools.product(map(int, FLAGS.multiply_sum_pairs),
+                                                     FLAGS.matmul_attention,
+                                                     map(int, FLAGS.gemm_min_rows)):
             llama.MULTIPLY_SUM_PAIRS, llama.MATMUL_ATTENTION = pairs, kernel
+            llama.GEMM_MIN_ROWS = {jax.default_backend(): rows}
             jax.clear_caches()  # the module is unchanged: recompile under the new setting
             setting = f"batch {batch}, context {context}, multiply_sum_pairs {pairs}, " \
-                      f"matmul_attention {kernel}"
+                      f"matmul_attention {kernel}, gemm_min_rows {rows}"
             try:  # a kernel this card or cuDNN lacks is recorded, and the others still run
                 prefill = limits.prefill_seconds(target.module, target.params, prompts)
                 for chain in map(int, FLAGS.chains):

@@ -123,6 +123,24 @@ def test_matmul_backward():
         assert a.dtype == jnp.bfloat16 and _rel_err(np.asarray(a, np.float32), b) < 2e-2
 
 
+def test_single_row_products_are_two_row_gemms(monkeypatch):
+    """A one-row product (a batch-1 decode step's projections) is padded to llama.GEMM_MIN_ROWS
+    rows (GPUs: 2; here set for the CPU) behind optimization barriers, so XLA keeps a GEMM; the
+    row's result is unchanged, and products of more rows are left alone."""
+    monkeypatch.setattr(llama, "GEMM_MIN_ROWS", {jax.default_backend(): 2})
+    rs = np.random.RandomState(10)
+    kernel = jnp.asarray(rs.randn(8, 6), jnp.float32)
+    product = jax.jit(lambda x: llama.matmul(x, kernel, jnp.float32))
+    one, three = (jnp.asarray(rs.randn(1, n, 8), jnp.float32) for n in (1, 3))
+    assert "optimization_barrier" in product.lower(one).as_text()
+    assert "optimization_barrier" not in product.lower(three).as_text()
+    plain = jnp.einsum("...d,df->...f", one, kernel)
+    np.testing.assert_allclose(product(one), plain, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(llama, "GEMM_MIN_ROWS", {})
+    jax.clear_caches()
+    assert "optimization_barrier" not in product.lower(one).as_text()
+
+
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])
 def test_features_are_the_normalised_layer_inputs(variant):
     """feature_layers (what a multi-layer feature drafter reads): the residual stream after n

@@ -32,6 +32,17 @@ def _dense(features, axes, name, use_bias=False, dtype=jnp.float32, param_dtype=
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
+# Per backend, a product of fewer rows is padded with zero rows to this many. XLA's GPU compiler
+# rewrites a vector-matrix product of under 10^7 multiply-adds into a multiply and a reduction
+# (DotStrengthReduction, which no flag of jax 0.11.2 turns off): at batch 1 that is every
+# projection of a small model's decode step (results/profile_h200_lookup/: reductions were 0.77
+# of the 1.19 ms busy in a step). Two rows keep them GEMMs: H200, Qwen2.5-0.5B shape, 1.125 ->
+# 1.051 ms a step at 512 tokens of context, 1.273 -> 1.209 at 2,048; SmolLM2's thinner layers
+# 1.002 -> 1.052 (results/attention_h200_gemm_rows/). Not on a CPU, where the padded product is
+# the slower one (SmolLM2 step, float32: 46 -> 72 ms).
+GEMM_MIN_ROWS = {"gpu": 2}
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
     """x [..., D] times kernel [D, F], both in the compute dtype: products accumulate in float32,
@@ -39,7 +50,15 @@ def matmul(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
     float32 output's cotangent promotes both backward products to float32 (TF32 GEMMs on a
     GPU): the trainer's head and the drafter layer's 14 products in a bfloat16 step (the
     layer's projections return float32, DecoderLayer). In float32 it is autodiff's backward."""
-    return jnp.einsum("...d,df->...f", x, kernel, preferred_element_type=out_dtype)
+    rows, min_rows = math.prod(x.shape[:-1]), GEMM_MIN_ROWS.get(jax.default_backend(), 1)
+    if rows >= min_rows:
+        return jnp.einsum("...d,df->...f", x, kernel, preferred_element_type=out_dtype)
+    # The barriers hide the zero rows from XLA's simplifier, which would slice them off again.
+    padded = jax.lax.optimization_barrier(
+        jnp.pad(x.reshape(rows, x.shape[-1]), ((0, min_rows - rows), (0, 0))))
+    y = jax.lax.optimization_barrier(
+        jnp.einsum("nd,df->nf", padded, kernel, preferred_element_type=out_dtype))
+    return y[:rows].reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def _matmul_fwd(x, kernel, out_dtype):
