@@ -42,6 +42,8 @@ flags.DEFINE_list("matmul_attention", ["einsum"], "llama.MATMUL_ATTENTION values
                   "(einsum, xla, cudnn): how the matmul form runs")
 flags.DEFINE_list("gemm_min_rows", ["2"], "llama.GEMM_MIN_ROWS values (for this backend) to "
                   "compare (1: one-row products left to XLA, which makes them reductions)")
+flags.DEFINE_list("gemm_pad_min_weights", [str(llama.GEMM_PAD_MIN_WEIGHTS)],
+                  "llama.GEMM_PAD_MIN_WEIGHTS values to compare (0: every one-row product)")
 flags.DEFINE_list("chains", ["0"], "draft chain lengths N; 0 = the autoregressive step")
 flags.DEFINE_list("batch_sizes", ["1"], "rows per step")
 flags.DEFINE_integer("new_tokens", 256, "tokens generated per timed run")
@@ -57,14 +59,15 @@ def main(argv):
     for batch, context in itertools.product(map(int, FLAGS.batch_sizes),
                                             map(int, FLAGS.contexts)):
         prompts = np.random.default_rng(0).integers(0, 1000, (batch, context)).tolist()
-        for pairs, kernel, rows in itertools.product(map(int, FLAGS.multiply_sum_pairs),
-                                                     FLAGS.matmul_attention,
-                                                     map(int, FLAGS.gemm_min_rows)):
+        for pairs, kernel, rows, weights in itertools.product(
+                map(int, FLAGS.multiply_sum_pairs), FLAGS.matmul_attention,
+                map(int, FLAGS.gemm_min_rows), map(int, FLAGS.gemm_pad_min_weights)):
             llama.MULTIPLY_SUM_PAIRS, llama.MATMUL_ATTENTION = pairs, kernel
             llama.GEMM_MIN_ROWS = {jax.default_backend(): rows}
+            llama.GEMM_PAD_MIN_WEIGHTS = weights
             jax.clear_caches()  # the module is unchanged: recompile under the new setting
             setting = f"batch {batch}, context {context}, multiply_sum_pairs {pairs}, " \
-                      f"matmul_attention {kernel}, gemm_min_rows {rows}"
+                      f"matmul_attention {kernel}, gemm_min_rows {rows}, gemm_pad_min_weights {weights}"
             try:  # a kernel this card or cuDNN lacks is recorded, and the others still run
                 prefill = limits.prefill_seconds(target.module, target.params, prompts)
                 for chain in map(int, FLAGS.chains):

@@ -124,21 +124,23 @@ def test_matmul_backward():
 
 
 def test_single_row_products_are_two_row_gemms(monkeypatch):
-    """A one-row product (a batch-1 decode step's projections) is padded to llama.GEMM_MIN_ROWS
-    rows (GPUs: 2; here set for the CPU) behind optimization barriers, so XLA keeps a GEMM; the
-    row's result is unchanged, and products of more rows are left alone."""
+    """A one-row product (a batch-1 decode step's projections) with a kernel of at least
+    llama.GEMM_PAD_MIN_WEIGHTS weights is padded to llama.GEMM_MIN_ROWS rows (GPUs: 2; here set
+    for the CPU) behind optimization barriers, so XLA keeps a GEMM; the row's result is
+    unchanged, and products of more rows, or smaller kernels, are left alone."""
     monkeypatch.setattr(llama, "GEMM_MIN_ROWS", {jax.default_backend(): 2})
+    monkeypatch.setattr(llama, "GEMM_PAD_MIN_WEIGHTS", 48)
     rs = np.random.RandomState(10)
-    kernel = jnp.asarray(rs.randn(8, 6), jnp.float32)
-    product = jax.jit(lambda x: llama.matmul(x, kernel, jnp.float32))
+    kernel, small = jnp.asarray(rs.randn(8, 6), jnp.float32), jnp.asarray(rs.randn(8, 5))
+    product = jax.jit(lambda x, k: llama.matmul(x, k, jnp.float32))
     one, three = (jnp.asarray(rs.randn(1, n, 8), jnp.float32) for n in (1, 3))
-    assert "optimization_barrier" in product.lower(one).as_text()
-    assert "optimization_barrier" not in product.lower(three).as_text()
+    padded = lambda x, k: "optimization_barrier" in product.lower(x, k).as_text()
+    assert padded(one, kernel) and not padded(three, kernel) and not padded(one, small)
     plain = jnp.einsum("...d,df->...f", one, kernel)
-    np.testing.assert_allclose(product(one), plain, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(product(one, kernel), plain, rtol=1e-6, atol=1e-6)
     monkeypatch.setattr(llama, "GEMM_MIN_ROWS", {})
     jax.clear_caches()
-    assert "optimization_barrier" not in product.lower(one).as_text()
+    assert not padded(one, kernel)
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])

@@ -32,15 +32,19 @@ def _dense(features, axes, name, use_bias=False, dtype=jnp.float32, param_dtype=
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
-# Per backend, a product of fewer rows is padded with zero rows to this many. XLA's GPU compiler
-# rewrites a vector-matrix product of under 10^7 multiply-adds into a multiply and a reduction
-# (DotStrengthReduction, which no flag of jax 0.11.2 turns off): at batch 1 that is every
-# projection of a small model's decode step (results/profile_h200_lookup/: reductions were 0.77
-# of the 1.19 ms busy in a step). Two rows keep them GEMMs: H200, Qwen2.5-0.5B shape, 1.125 ->
-# 1.051 ms a step at 512 tokens of context, 1.273 -> 1.209 at 2,048; SmolLM2's thinner layers
-# 1.002 -> 1.052 (results/attention_h200_gemm_rows/). Not on a CPU, where the padded product is
-# the slower one (SmolLM2 step, float32: 46 -> 72 ms).
+# Per backend, a product of fewer rows is padded with zero rows to this many, if its kernel has
+# at least GEMM_PAD_MIN_WEIGHTS weights. XLA's GPU compiler rewrites a vector-matrix product of
+# under 10^7 multiply-adds into a multiply and a reduction (DotStrengthReduction, which no flag
+# of jax 0.11.2 turns off): at batch 1 that is every projection of a small model's decode step
+# (results/profile_h200_lookup/: reductions were 0.77 of the 1.19 ms busy in a step). Two rows
+# keep a product a GEMM, which reads a large kernel faster; a small one is latency-bound either
+# way, and as a reduction XLA fuses it with its neighbours. H200, Qwen2.5-0.5B shape, 512
+# tokens of context (results/attention_h200_gemm_rows/): 1.140 ms a step as reductions, 1.055
+# with every projection padded, 1.036 with only gate/up and down (8.7M and 4.4M weights);
+# SmolLM2's thinner layers, all padded, went 1.002 -> 1.052, and none of them reaches the
+# threshold. Not on a CPU, where the padded product is the slower one (46 -> 72 ms a step).
 GEMM_MIN_ROWS = {"gpu": 2}
+GEMM_PAD_MIN_WEIGHTS = 2**22
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -51,7 +55,7 @@ def matmul(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
     GPU): the trainer's head and the drafter layer's 14 products in a bfloat16 step (the
     layer's projections return float32, DecoderLayer). In float32 it is autodiff's backward."""
     rows, min_rows = math.prod(x.shape[:-1]), GEMM_MIN_ROWS.get(jax.default_backend(), 1)
-    if rows >= min_rows:
+    if rows >= min_rows or kernel.size < GEMM_PAD_MIN_WEIGHTS:
         return jnp.einsum("...d,df->...f", x, kernel, preferred_element_type=out_dtype)
     # The barriers hide the zero rows from XLA's simplifier, which would slice them off again.
     padded = jax.lax.optimization_barrier(
