@@ -116,6 +116,8 @@ def main(argv):
             sampling=Sampling(temperature), pld_k=FLAGS.pld_k,
             ps_tree=Tree.parse(FLAGS.ps_tree),
             ps_lookup_tree=Tree.parse(FLAGS.ps_lookup_tree or FLAGS.ps_tree),
+            ps_tree_file=Tree.designed_file(FLAGS.ps_tree),
+            ps_lookup_tree_file=Tree.designed_file(FLAGS.ps_lookup_tree or FLAGS.ps_tree),
             drafter_dir=FLAGS.drafter or None)
         try:
             methods, _ = specbench.make_methods(names, target, hf_dir, opts)

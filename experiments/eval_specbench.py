@@ -11,6 +11,9 @@ Methods (`--methods`, comma list, run in this order after `ar`, which always run
   parallelspec_tree  psjax ParallelSpec with the static tree --ps_tree (branching, or designed)
   parallelspec_lookup  psjax ParallelSpec with prompt lookup in front (psjax.drafters.
                      with_lookup), the tree --ps_lookup_tree (design_tree.py --lookup_depth)
+  parallelspec_tree_nN, parallelspec_lookup_nN  the same with the N-node tree of the
+                     design_tree.py file --ps_tree / --ps_lookup_tree names (FILE.json:M):
+                     several tree sizes side by side
   hf_generate        transformers greedy generate (dynamic cache, eager)
   hf_static_compiled transformers with a static cache and the compiled decode step
   hf_pld             transformers prompt lookup (prompt_lookup_num_tokens=--hf_pld_k)
@@ -132,8 +135,8 @@ def main(argv):
     names = [m for m in FLAGS.methods.split(",") if m]
     unknown = sorted(n for n in set(names) if not specbench.is_known(n))
     if unknown:
-        raise app.UsageError(f"unknown methods {unknown}; known: {list(specbench.METHODS)} "
-                             "and parallelspec_kN")
+        raise app.UsageError(f"unknown methods {unknown}; known: {list(specbench.METHODS)}, "
+                             f"{specbench.NAMING}")
     names = [specbench.BASELINE] + [m for m in dict.fromkeys(names) if m != specbench.BASELINE]
     if FLAGS.dtype == "float32":  # true float32 matmuls (GPUs default to TF32): the exact check
         jax.config.update("jax_default_matmul_precision", "highest")
@@ -148,6 +151,8 @@ def main(argv):
         pld_k=FLAGS.pld_k, pld_tree_width=FLAGS.pld_tree_width, sps_k=FLAGS.sps_k,
         ps_k=FLAGS.ps_k, ps_tree=Tree.parse(FLAGS.ps_tree),
         ps_lookup_tree=Tree.parse(FLAGS.ps_lookup_tree or FLAGS.ps_tree),
+        ps_tree_file=Tree.designed_file(FLAGS.ps_tree),
+        ps_lookup_tree_file=Tree.designed_file(FLAGS.ps_lookup_tree or FLAGS.ps_tree),
         hf_pld_k=FLAGS.hf_pld_k,
         draft_dir=hf_baselines.resolve_model(FLAGS.draft) if FLAGS.draft else None,
         drafter_dir=drafter_dir or None,

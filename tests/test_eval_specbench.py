@@ -23,7 +23,7 @@ from psjax.models.target import Target
 VOCAB = 64
 N_NEW = 12
 SPECULATIVE = ["pld", "pld_tree", "parallelspec", "parallelspec_k2", "parallelspec_tree",
-               "parallelspec_lookup"]
+               "parallelspec_lookup", "parallelspec_lookup_n3"]
 QUESTIONS = [
     {"question_id": 81, "category": MT_BENCH, "turns": ["write a poem", "now shorter"]},
     {"question_id": 161, "category": "Translation", "turns": ["translate: hello there"]},
@@ -76,9 +76,11 @@ def run(tmp_path_factory):
     drafter = parallelspec.build(ps_config, target.module)
     save_drafter(drafter_dir, ps_config, parallelspec.init_params(drafter, jax.random.PRNGKey(0)),
                  target_name="tiny")
+    trees = tmp_path_factory.mktemp("trees") / "designed.json"  # as design_tree.py writes
+    trees.write_text(json.dumps({"designed": {"3": [[0], [1], [0, 0]]}}))
     opts = specbench.Options(max_new_tokens=N_NEW, dtype="float32", pld_k=3, pld_tree_width=2,
                              drafter_dir=drafter_dir, ps_tree=Tree.from_branching((2, 1, 1)),
-                             ps_lookup_tree=Tree.chain(5))
+                             ps_lookup_tree=Tree.chain(5), ps_lookup_tree_file=str(trees))
     methods, skipped = specbench.make_methods(
         ["ar"] + SPECULATIVE, target, path, opts)
     assert not skipped
@@ -167,3 +169,21 @@ def test_method_names():
     assert not specbench.is_known("parallelspec_k0") and not specbench.is_known("medusa")
     with pytest.raises(ValueError, match="parallelspec_kN"):
         specbench.make_methods(["ar", "parallelspec_kx"], None, "", specbench.Options())
+
+
+def test_tree_sizes_side_by_side(tmp_path):
+    """parallelspec_lookup_nN / parallelspec_tree_nN verify the N-node tree of the design_tree.py
+    file that --ps_lookup_tree / --ps_tree name; without such a file, a clear error."""
+    assert specbench.is_known("parallelspec_lookup_n16") and specbench.is_known("parallelspec_tree_n8")
+    assert not specbench.is_known("parallelspec_lookup_n0")
+    path = tmp_path / "trees.json"
+    path.write_text(json.dumps({"designed": {"2": [[0], [1]], "3": [[0], [1], [0, 0]]}}))
+    opts = specbench.Options(ps_lookup_tree_file=str(path),
+                             ps_tree_file=Tree.designed_file(f"{path}:2"))
+    assert specbench.parallelspec_tree("parallelspec_lookup_n3", opts).num_nodes == 3
+    assert specbench.parallelspec_tree("parallelspec_tree_n2", opts).num_nodes == 2
+    assert specbench.parallelspec_tree("parallelspec_k4", opts).num_nodes == 4
+    with pytest.raises(ValueError, match="--ps_tree as FILE.json:N"):
+        specbench.parallelspec_tree("parallelspec_tree_n2", specbench.Options())
+    with pytest.raises(ValueError, match=r"not 5"):
+        specbench.parallelspec_tree("parallelspec_lookup_n5", opts)

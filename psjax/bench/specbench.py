@@ -70,10 +70,17 @@ PSJAX_METHODS = ("ar", "pld", "pld_tree", "sps", "parallelspec", "parallelspec_t
 HF_METHODS = ("hf_generate", "hf_static_compiled", "hf_pld", "hf_assisted")
 METHODS = PSJAX_METHODS + HF_METHODS
 _PS_CHAIN = re.compile(r"parallelspec_k([1-9]\d*)")  # parallelspec_k4: a chain of 4 drafts
+# parallelspec_lookup_n8: the 8-node tree of --ps_lookup_tree's design_tree.py file (tree sizes
+# side by side; parallelspec_tree_nN likewise from --ps_tree's)
+_PS_SIZED = re.compile(r"(parallelspec_tree|parallelspec_lookup)_n([1-9]\d*)")
+NAMING = ("parallelspec_kN (a chain of N drafts), parallelspec_tree_nN and "
+          "parallelspec_lookup_nN (the N-node tree of --ps_tree's / --ps_lookup_tree's "
+          "design_tree.py file)")
 
 
 def is_known(name: str) -> bool:
-    return name in METHODS or _PS_CHAIN.fullmatch(name) is not None
+    return (name in METHODS or _PS_CHAIN.fullmatch(name) is not None
+            or _PS_SIZED.fullmatch(name) is not None)
 MISMATCH_GAP = 0.05
 
 
@@ -208,6 +215,10 @@ class Options:
     ps_k: int = 0  # parallelspec chain length; 0 = all the drafter's drafts (k masks + 1)
     ps_tree: Tree = Tree.from_branching((4, 2, 2, 1))  # parallelspec_tree's tree
     ps_lookup_tree: Tree = Tree.from_branching((4, 2, 2, 1))  # parallelspec_lookup's tree
+    # design_tree.py files the _nN methods take their trees from (--ps_tree's and
+    # --ps_lookup_tree's when those are FILE.json:N)
+    ps_tree_file: str | None = None
+    ps_lookup_tree_file: str | None = None
     hf_pld_k: int = 10  # transformers' prompt_lookup_num_tokens
     draft_dir: str | None = None  # draft model (sps, hf_assisted): an HF directory
     drafter_dir: str | None = None  # trained ParallelSpec drafter directory
@@ -232,8 +243,7 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
 
     unknown = [n for n in names if not is_known(n)]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)} and "
-                         "parallelspec_kN (a chain of N drafts)")
+        raise ValueError(f"unknown methods {unknown}; known: {list(METHODS)}, {NAMING}")
     eos, pad = target.eos_ids, pad_id_of(target)
     psjax_kw = dict(max_new_tokens=opts.max_new_tokens, eos_ids=eos, sampling=opts.sampling,
                     pad_id=pad, prompt_width=opts.prompt_width)
@@ -258,20 +268,14 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
                                        drafter_params=draft.params, tree=Tree.chain(opts.sps_k),
                                        **psjax_kw))
         elif name.startswith("parallelspec"):
+            tree = parallelspec_tree(name, opts)
             drafter = drafter or load_drafter(opts.drafter_dir, target, DTYPES[opts.dtype])
-            chain = _PS_CHAIN.fullmatch(name)
-            if name == "parallelspec":
-                tree = Tree.chain(opts.ps_k or drafter[0].max_depth)  # k masks: k + 1 drafts
-            elif chain:
-                tree = Tree.chain(int(chain.group(1)))
-            elif name == "parallelspec_lookup":
-                tree = opts.ps_lookup_tree
-            else:
-                tree = opts.ps_tree
+            lookup = name.startswith("parallelspec_lookup")
             methods.append(PsjaxMethod(
-                name, target.module, target.params, drafter=(
-                    WithPromptLookup(drafter[0]) if name == "parallelspec_lookup"
-                    else drafter[0]), drafter_params=drafter[1], tree=tree, **psjax_kw))
+                name, target.module, target.params,
+                drafter=WithPromptLookup(drafter[0]) if lookup else drafter[0],
+                drafter_params=drafter[1], tree=tree or Tree.chain(drafter[0].max_depth),
+                **psjax_kw))
         else:
             if name == "hf_assisted" and not hf_baselines.same_tokenizer(hf_dir, opts.draft_dir):
                 skipped[name] = f"the draft model {opts.draft_dir} has another tokenizer"
@@ -281,6 +285,24 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
                                     prompt_lookup_num_tokens=opts.hf_pld_k,
                                     assistant_dir=opts.draft_dir))
     return methods, skipped
+
+
+def parallelspec_tree(name: str, opts: Options) -> Tree | None:
+    """The tree a parallelspec method verifies; None for `parallelspec` with --ps_k 0 (a chain
+    of all the drafter's drafts, known once it is loaded)."""
+    chain, sized = _PS_CHAIN.fullmatch(name), _PS_SIZED.fullmatch(name)
+    if name == "parallelspec":
+        return Tree.chain(opts.ps_k) if opts.ps_k else None
+    if chain:
+        return Tree.chain(int(chain.group(1)))
+    if sized:
+        lookup = sized.group(1) == "parallelspec_lookup"
+        path = opts.ps_lookup_tree_file if lookup else opts.ps_tree_file
+        if not path:
+            raise ValueError(f"{name} takes a tree of a design_tree.py file: give "
+                             f"{'--ps_lookup_tree' if lookup else '--ps_tree'} as FILE.json:N")
+        return Tree.parse(f"{path}:{sized.group(2)}")
+    return opts.ps_lookup_tree if name == "parallelspec_lookup" else opts.ps_tree
 
 
 # ---------------------------------------------------------------- the float32 referee

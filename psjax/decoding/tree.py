@@ -83,6 +83,11 @@ class Tree:
                              f"nodes, not {size}")
         return cls.from_paths(designed[size])
 
+    @staticmethod
+    def designed_file(spec: str) -> str | None:
+        """The design_tree.py file a "FILE.json:N" spec names; None for a branching."""
+        return spec.rsplit(":", 1)[0] if ":" in spec else None
+
     @classmethod
     def design(cls, ranks: np.ndarray, num_nodes: int) -> "Tree":
         """The tree of at most `num_nodes` nodes that accepts the most drafts on `ranks` (see
