@@ -274,7 +274,8 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
             methods.append(PsjaxMethod(
                 name, target.module, target.params,
                 drafter=WithPromptLookup(drafter[0]) if lookup else drafter[0],
-                drafter_params=drafter[1], tree=tree or Tree.chain(drafter[0].max_depth),
+                drafter_params=drafter[1],
+                tree=Tree.chain(drafter[0].max_depth) if tree is None else tree,
                 **psjax_kw))
         else:
             if name == "hf_assisted" and not hf_baselines.same_tokenizer(hf_dir, opts.draft_dir):
