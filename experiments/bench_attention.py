@@ -67,7 +67,8 @@ def main(argv):
             llama.GEMM_PAD_MIN_WEIGHTS = weights
             jax.clear_caches()  # the module is unchanged: recompile under the new setting
             setting = f"batch {batch}, context {context}, multiply_sum_pairs {pairs}, " \
-                      f"matmul_attention {kernel}, gemm_min_rows {rows}, gemm_pad_min_weights {weights}"
+                      f"matmul_attention {kernel}, gemm_min_rows {rows}, " \
+                      f"gemm_pad_min_weights {weights}"
             try:  # a kernel this card or cuDNN lacks is recorded, and the others still run
                 prefill = limits.prefill_seconds(target.module, target.params, prompts)
                 for chain in map(int, FLAGS.chains):

@@ -174,7 +174,8 @@ def test_method_names():
 def test_tree_sizes_side_by_side(tmp_path):
     """parallelspec_lookup_nN / parallelspec_tree_nN verify the N-node tree of the design_tree.py
     file that --ps_lookup_tree / --ps_tree name; without such a file, a clear error."""
-    assert specbench.is_known("parallelspec_lookup_n16") and specbench.is_known("parallelspec_tree_n8")
+    assert specbench.is_known("parallelspec_lookup_n16")
+    assert specbench.is_known("parallelspec_tree_n8")
     assert not specbench.is_known("parallelspec_lookup_n0")
     path = tmp_path / "trees.json"
     path.write_text(json.dumps({"designed": {"2": [[0], [1]], "3": [[0], [1], [0, 0]]}}))
