@@ -15,7 +15,9 @@ the designed trees are not measured on the text they were fitted to.
     PYTHONPATH=. python experiments/design_tree.py --target smollm2-135m-instruct \\
         --drafter assets/drafters/smollm2-135m-instruct-parallelspec --out /tmp/tree.json
 
-`eval_specbench.py --ps_tree /tmp/tree.json:32` then runs the designed tree of 32 nodes.
+`eval_specbench.py --ps_tree /tmp/tree.json:32` then runs the designed tree of 32 nodes, and
+`--methods ar,parallelspec_tree_n8,parallelspec_tree_n16,parallelspec_tree_n32` three sizes side
+by side: tau grows with the nodes, the step's cost too, and only the GPU says which wins.
 """
 
 from __future__ import annotations
