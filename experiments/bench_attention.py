@@ -40,8 +40,9 @@ flags.DEFINE_list("multiply_sum_pairs", ["1000000", "0"], "llama.MULTIPLY_SUM_PA
                   "compare (0: matmuls; the recorded runs' few_queries 64 = 1000000 here)")
 flags.DEFINE_list("matmul_attention", ["einsum"], "llama.MATMUL_ATTENTION values to compare "
                   "(einsum, xla, cudnn): how the matmul form runs")
-flags.DEFINE_list("gemm_min_rows", ["2"], "llama.GEMM_MIN_ROWS values (for this backend) to "
-                  "compare (1: one-row products left to XLA, which makes them reductions)")
+flags.DEFINE_list("gemm_min_rows", ["0"], "llama.GEMM_MIN_ROWS values (for this backend) to "
+                  "compare (1: one-row products left to XLA, which makes them reductions; 0: "
+                  "llama's default for this backend)")
 flags.DEFINE_list("gemm_pad_min_weights", [str(llama.GEMM_PAD_MIN_WEIGHTS)],
                   "llama.GEMM_PAD_MIN_WEIGHTS values to compare (0: every one-row product)")
 flags.DEFINE_list("chains", ["0"], "draft chain lengths N; 0 = the autoregressive step")
@@ -52,6 +53,7 @@ flags.DEFINE_string("out", "", "JSON file for the results (optional)")
 
 def main(argv):
     del argv
+    default_min_rows = llama.GEMM_MIN_ROWS
     target = random_target(limits.shape_config(FLAGS.shape), dtype="bfloat16", fused=True)
     results = {"card": card(), "jax": jax.__version__, "shape": FLAGS.shape,
                "new_tokens": FLAGS.new_tokens, "command": " ".join(sys.argv), "ar_ms": {},
@@ -63,7 +65,7 @@ def main(argv):
                 map(int, FLAGS.multiply_sum_pairs), FLAGS.matmul_attention,
                 map(int, FLAGS.gemm_min_rows), map(int, FLAGS.gemm_pad_min_weights)):
             llama.MULTIPLY_SUM_PAIRS, llama.MATMUL_ATTENTION = pairs, kernel
-            llama.GEMM_MIN_ROWS = {jax.default_backend(): rows}
+            llama.GEMM_MIN_ROWS = {jax.default_backend(): rows} if rows else default_min_rows
             llama.GEMM_PAD_MIN_WEIGHTS = weights
             jax.clear_caches()  # the module is unchanged: recompile under the new setting
             setting = f"batch {batch}, context {context}, multiply_sum_pairs {pairs}, " \

@@ -33,7 +33,6 @@ from psjax.bench import hf_baselines, specbench
 from psjax.bench.timing import card
 from psjax.data import spec_bench
 from psjax.decoding.sampling import Sampling
-from psjax.decoding.tree import Tree
 from psjax.models import llama
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,10 +113,7 @@ def main(argv):
         opts = specbench.Options(
             max_new_tokens=FLAGS.max_new_tokens, dtype=FLAGS.dtype,
             sampling=Sampling(temperature), pld_k=FLAGS.pld_k,
-            ps_tree=Tree.parse(FLAGS.ps_tree),
-            ps_lookup_tree=Tree.parse(FLAGS.ps_lookup_tree or FLAGS.ps_tree),
-            ps_tree_file=Tree.designed_file(FLAGS.ps_tree),
-            ps_lookup_tree_file=Tree.designed_file(FLAGS.ps_lookup_tree or FLAGS.ps_tree),
+            **specbench.tree_options(FLAGS.ps_tree, FLAGS.ps_lookup_tree),
             drafter_dir=FLAGS.drafter or None)
         try:
             methods, _ = specbench.make_methods(names, target, hf_dir, opts)

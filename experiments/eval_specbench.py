@@ -62,7 +62,6 @@ from psjax.bench import hf_baselines, specbench  # noqa: E402
 from psjax.bench.timing import card  # noqa: E402
 from psjax.data import spec_bench  # noqa: E402
 from psjax.decoding.sampling import Sampling  # noqa: E402
-from psjax.decoding.tree import Tree  # noqa: E402
 from psjax.models import llama  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,10 +148,7 @@ def main(argv):
     opts = specbench.Options(
         max_new_tokens=FLAGS.max_new_tokens, dtype=FLAGS.dtype, sampling=sampling,
         pld_k=FLAGS.pld_k, pld_tree_width=FLAGS.pld_tree_width, sps_k=FLAGS.sps_k,
-        ps_k=FLAGS.ps_k, ps_tree=Tree.parse(FLAGS.ps_tree),
-        ps_lookup_tree=Tree.parse(FLAGS.ps_lookup_tree or FLAGS.ps_tree),
-        ps_tree_file=Tree.designed_file(FLAGS.ps_tree),
-        ps_lookup_tree_file=Tree.designed_file(FLAGS.ps_lookup_tree or FLAGS.ps_tree),
+        ps_k=FLAGS.ps_k, **specbench.tree_options(FLAGS.ps_tree, FLAGS.ps_lookup_tree),
         hf_pld_k=FLAGS.hf_pld_k,
         draft_dir=hf_baselines.resolve_model(FLAGS.draft) if FLAGS.draft else None,
         drafter_dir=drafter_dir or None,

@@ -288,6 +288,15 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
     return methods, skipped
 
 
+def tree_options(ps_tree: str, ps_lookup_tree: str = "") -> dict:
+    """Options' tree fields from the --ps_tree and --ps_lookup_tree flags (branching or
+    FILE.json:N; an empty --ps_lookup_tree is --ps_tree's)."""
+    ps_lookup_tree = ps_lookup_tree or ps_tree
+    return dict(ps_tree=Tree.parse(ps_tree), ps_lookup_tree=Tree.parse(ps_lookup_tree),
+                ps_tree_file=Tree.designed_file(ps_tree),
+                ps_lookup_tree_file=Tree.designed_file(ps_lookup_tree))
+
+
 def parallelspec_tree(name: str, opts: Options) -> Tree | None:
     """The tree a parallelspec method verifies; None for `parallelspec` with --ps_k 0 (a chain
     of all the drafter's drafts, known once it is loaded)."""
