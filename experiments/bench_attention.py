@@ -38,6 +38,9 @@ flags.DEFINE_string("shape", "qwen2.5-0.5b", f"one of {sorted(limits.SHAPES)}")
 flags.DEFINE_list("contexts", ["2048", "512"], "prompt lengths (tokens already in the cache)")
 flags.DEFINE_list("multiply_sum_pairs", ["1000000", "0"], "llama.MULTIPLY_SUM_PAIRS values to "
                   "compare (0: matmuls; the recorded runs' few_queries 64 = 1000000 here)")
+flags.DEFINE_integer("multiply_sum_queries", 64, "llama.MULTIPLY_SUM_QUERIES: queries a row "
+                     "up to which --multiply_sum_pairs applies (64: every chain, as in the "
+                     "recorded runs; psjax's default is 1)")
 flags.DEFINE_list("matmul_attention", ["einsum"], "llama.MATMUL_ATTENTION values to compare "
                   "(einsum, xla, cudnn): how the matmul form runs")
 flags.DEFINE_list("gemm_min_rows", ["0"], "llama.GEMM_MIN_ROWS values (for this backend) to "
@@ -54,6 +57,7 @@ flags.DEFINE_string("out", "", "JSON file for the results (optional)")
 def main(argv):
     del argv
     default_min_rows = llama.GEMM_MIN_ROWS
+    llama.MULTIPLY_SUM_QUERIES = FLAGS.multiply_sum_queries
     target = random_target(limits.shape_config(FLAGS.shape), dtype="bfloat16", fused=True)
     results = {"card": card(), "jax": jax.__version__, "shape": FLAGS.shape,
                "new_tokens": FLAGS.new_tokens, "command": " ".join(sys.argv), "ar_ms": {},

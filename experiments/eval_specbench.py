@@ -108,6 +108,9 @@ flags.DEFINE_enum("text", "all", ["all", "diverged"], "questions.jsonl text: eve
 flags.DEFINE_integer("multiply_sum_pairs", llama.MULTIPLY_SUM_PAIRS, "psjax attention: "
                      "rows x queries x cache slots up to which a pass with a cache attends by "
                      "multiply-and-sum rather than matmuls (llama.MULTIPLY_SUM_PAIRS)")
+flags.DEFINE_integer("multiply_sum_queries", llama.MULTIPLY_SUM_QUERIES, "psjax attention: "
+                     "... and queries a row up to which (1: one-token steps only; "
+                     "llama.MULTIPLY_SUM_QUERIES)")
 flags.DEFINE_integer("gemm_min_rows", 0, "psjax: products of fewer rows are padded to this "
                      "many, so XLA keeps them GEMMs (1 = off: a batch-1 decode step's "
                      "projections become reductions); 0 = llama.GEMM_MIN_ROWS' default")
@@ -129,6 +132,7 @@ def random_drafter(target, num_masks: int) -> str:
 def main(argv):
     del argv
     llama.MULTIPLY_SUM_PAIRS = FLAGS.multiply_sum_pairs
+    llama.MULTIPLY_SUM_QUERIES = FLAGS.multiply_sum_queries
     if FLAGS.gemm_min_rows:
         llama.GEMM_MIN_ROWS = {jax.default_backend(): FLAGS.gemm_min_rows}
     names = [m for m in FLAGS.methods.split(",") if m]

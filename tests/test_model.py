@@ -56,13 +56,15 @@ def test_fused_projections_compute_the_same(variant):
 
 
 def test_attention_paths_agree(monkeypatch):
-    """attend's multiply-and-sum and matmul forms (chosen by llama.MULTIPLY_SUM_PAIRS from
-    batch, queries and slots) give the same attention, masked slots included."""
+    """attend's multiply-and-sum and matmul forms (chosen by llama.MULTIPLY_SUM_PAIRS and
+    MULTIPLY_SUM_QUERIES from batch, queries and slots) give the same attention, masked slots
+    included."""
     rs = np.random.RandomState(5)
     q = jnp.asarray(rs.randn(3, 4, 2, 3, 16), jnp.float32)  # [B, T, K, G, H]
     keys, values = (jnp.asarray(rs.randn(3, 40, 2, 16), jnp.float32) for _ in range(2))
     mask = jnp.asarray(rs.rand(3, 4, 40) < 0.7)
     outs = []
+    monkeypatch.setattr(llama, "MULTIPLY_SUM_QUERIES", 10**9)
     for pairs in (10**9, 0):  # every call multiply-and-sum, then every call matmuls
         monkeypatch.setattr(llama, "MULTIPLY_SUM_PAIRS", pairs)
         outs.append(llama.attend(q, keys, values, mask, jnp.float32))
@@ -71,6 +73,21 @@ def test_attention_paths_agree(monkeypatch):
     # cuDNN one needs a GPU): same head grouping, same mask.
     fused = llama.attend(q, keys, values, mask, jnp.float32, implementation="xla")
     np.testing.assert_allclose(fused, outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_form_by_default():
+    """By default only one-token steps take multiply-and-sum; a verify pass of several queries
+    takes the matmul form (dot_generals) even over a short cache."""
+    rs = np.random.RandomState(6)
+    keys, values = (jnp.asarray(rs.randn(1, 40, 2, 16), jnp.float32) for _ in range(2))
+
+    def uses_matmuls(t):
+        q = jnp.asarray(rs.randn(1, t, 2, 3, 16), jnp.float32)
+        mask = jnp.ones((1, t, 40), bool)
+        jaxpr = jax.make_jaxpr(lambda q: llama.attend(q, keys, values, mask, jnp.float32))(q)
+        return "dot_general" in str(jaxpr)
+
+    assert not uses_matmuls(1) and uses_matmuls(2) and uses_matmuls(9)
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_untied", "qwen2_mha_tied"])

@@ -163,6 +163,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 # The one-token step follows the same count (results/attention_h100/attention_cudnn_b8_b32.json,
 # context 512: multiply-and-sum 1.11 vs matmuls 1.14 ms at batch 8, 1.43 vs 1.25 ms at batch 32).
 MULTIPLY_SUM_PAIRS = 14_336
+# ... and only for rows of at most this many queries: one-token steps. On an H200 (jax 0.11.2,
+# Qwen2.5-Coder-0.5B, 12 Spec-Bench questions x 1,024 new tokens, one process a setting;
+# results/attention_h200_verify_form_1024_12q/) a 9-query verify pass over 1,544 slots (13.9k
+# pairs, under the count above) as multiply-and-sum made the lookup-in-front tree 968 tok/s,
+# as matmuls 1,343-1,352; at 256 new tokens the two forms tied for 17 queries over 785 slots
+# (results/attention_h200_multiply_sum_ab_12q/), and the one-token step kept multiply-and-sum's
+# lead at 3,100 slots (733 vs 689 tok/s).
+MULTIPLY_SUM_QUERIES = 1
 # How the matmul form runs: "einsum" (two einsums around a softmax, XLA's batched GEMMs) or a
 # jax.nn.dot_product_attention implementation, "xla" or "cudnn" (one fused kernel; GPU,
 # bfloat16). cuDNN measured no better for verify passes (results/attention_h100/
@@ -209,11 +217,12 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     stay fused only while small (XLA's GPU compiler rewrites a dot under 10^6 multiply-adds as a
     reduction); past that (a cache of ~1,100 slots for Qwen2.5-0.5B) each becomes a batched GEMM
     of 7 rows with transposes around it. But the reduction reads the keys and values once per
-    query, so it loses to the GEMM once rows x queries x slots passes MULTIPLY_SUM_PAIRS; the
-    GEMMs run as two einsums or through `implementation`."""
+    query, so it loses to the GEMM once rows x queries x slots passes MULTIPLY_SUM_PAIRS, or a
+    row has more than MULTIPLY_SUM_QUERIES queries (a verify pass); the GEMMs run as two einsums
+    or through `implementation`."""
     h = q.shape[-1]
     b, t, s = q.shape[0], q.shape[1], keys.shape[1]
-    few = mask is not None and b * t * s <= MULTIPLY_SUM_PAIRS
+    few = mask is not None and t <= MULTIPLY_SUM_QUERIES and b * t * s <= MULTIPLY_SUM_PAIRS
     if not few and implementation != "einsum":
         # query head k * G + g reads kv head k, as here
         q_heads, mask_heads = q.reshape(b, t, -1, h).astype(keys.dtype), None
