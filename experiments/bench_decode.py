@@ -71,7 +71,8 @@ flags.DEFINE_integer("repeats", 3, "timed passes of psjax_ar and hf_static_compi
 flags.DEFINE_integer("hf_repeats", 1, "timed passes of hf_generate (slow: ~30 ms a step)")
 flags.DEFINE_integer("cache_length", 0, "KV cache slots (psjax, HF static); 0 = the longest "
                      "padded prompt + max_new_tokens rounded up to 256, at least 1024")
-flags.DEFINE_float("bandwidth_tbps", 2.86, "memory bandwidth for the floor; 0 = measure")
+flags.DEFINE_float("bandwidth_tbps", 0.0, "memory bandwidth for the floor; 0 = measure it "
+                   "on this card (the H100 rows in the README used 2.86, the issue's figure)")
 flags.DEFINE_string("out", "", "JSON file for all results (optional)")
 
 HF_METHODS = ("hf_generate", "hf_static_compiled", "hf_static_compiled_forward")
