@@ -165,11 +165,11 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 MULTIPLY_SUM_PAIRS = 14_336
 # ... and only for rows of at most this many queries: one-token steps. On an H200 (jax 0.11.2,
 # Qwen2.5-Coder-0.5B, 12 Spec-Bench questions x 1,024 new tokens, one process a setting;
-# results/attention_h200_verify_form_1024_12q/) a 9-query verify pass over 1,544 slots (13.9k
+# results/attention_h200_verify_form_1024_12q/) a 9-query verify pass over ~1,550 slots (~13.9k
 # pairs, under the count above) as multiply-and-sum made the lookup-in-front tree 968 tok/s,
-# as matmuls 1,343-1,352; at 256 new tokens the two forms tied for 17 queries over 785 slots
-# (results/attention_h200_multiply_sum_ab_12q/), and the one-token step kept multiply-and-sum's
-# lead at 3,100 slots (733 vs 689 tok/s).
+# as matmuls 1,343-1,352; at 256 new tokens the two forms tied within 2% for 17 queries over
+# ~785 slots (results/attention_h200_multiply_sum_ab_12q/); the one-token step kept
+# multiply-and-sum's lead at ~3,100 slots (Summarization: 759-763 vs 588 tok/s as matmuls).
 MULTIPLY_SUM_QUERIES = 1
 # How the matmul form runs: "einsum" (two einsums around a softmax, XLA's batched GEMMs) or a
 # jax.nn.dot_product_attention implementation, "xla" or "cudnn" (one fused kernel; GPU,
