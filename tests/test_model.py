@@ -75,6 +75,22 @@ def test_attention_paths_agree(monkeypatch):
     np.testing.assert_allclose(fused, outs[0], rtol=1e-5, atol=1e-5)
 
 
+def test_einsum_float32_gradient_is_autodiffs_in_float32():
+    """attend's score product keeps its float32 output but computes its backward in the inputs'
+    dtype (as llama.matmul): in float32 that is autodiff's gradient."""
+    rs = np.random.RandomState(7)
+    a, b = jnp.asarray(rs.randn(2, 5, 3), jnp.float32), jnp.asarray(rs.randn(2, 4, 3), jnp.float32)
+    spec = "bth,bsh->bts"
+    loss = lambda f: lambda a, b: jnp.sum(jnp.sin(f(a, b)))
+    ours = jax.grad(loss(lambda a, b: llama.einsum_float32(spec, a, b)), argnums=(0, 1))(a, b)
+    ref = jax.grad(loss(lambda a, b: jnp.einsum(spec, a, b)), argnums=(0, 1))(a, b)
+    for x, y in zip(ours, ref):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+    grads = jax.grad(loss(lambda a, b: llama.einsum_float32(spec, a, b)), argnums=(0, 1))(
+        a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+
+
 def test_attention_form_by_default():
     """By default only one-token steps take multiply-and-sum; a verify pass of several queries
     takes the matmul form (dot_generals) even over a short cache."""

@@ -82,6 +82,27 @@ def _matmul_bwd(out_dtype, residuals, cotangent):
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_float32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """jnp.einsum(spec, a, b) accumulated and returned in float32, with matmul's backward: in
+    the inputs' dtype (autodiff would promote the float32 cotangent and both backward products
+    to float32; attention's scores in a bfloat16 train step through the einsum form)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_float32_fwd(spec, a, b):
+    return einsum_float32(spec, a, b), (a, b)
+
+
+def _einsum_float32_bwd(spec, residuals, cotangent):
+    a, b = residuals
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), a, b)
+    return vjp(cotangent.astype(jnp.result_type(a, b)))
+
+
+einsum_float32.defvjp(_einsum_float32_fwd, _einsum_float32_bwd)
+
+
 def _project(module: nn.Module, x, names, features, axes, use_bias=False, out_dtype=None):
     """x through the Dense layers `names` (HF names and nn.Dense parameters), in order, each
     output in `out_dtype` (default the module's dtype; products accumulate in float32 either way).
@@ -239,8 +260,7 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
         k32 = jnp.moveaxis(keys, 1, 2).astype(jnp.float32)  # [B, K, S, H]
         scores = jnp.sum(q32[:, :, :, :, None, :] * k32[:, :, None, None, :, :], axis=-1)
     else:
-        scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(keys.dtype), keys,
-                            preferred_element_type=jnp.float32)
+        scores = einsum_float32("btkgh,bskh->bkgts", q.astype(keys.dtype), keys)
     scores = jnp.where(mask[:, None, None, :, :], scores * h ** -0.5,
                        jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)  # [B, K, G, T, S]
