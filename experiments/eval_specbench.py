@@ -109,8 +109,8 @@ flags.DEFINE_integer("multiply_sum_pairs", llama.MULTIPLY_SUM_PAIRS, "psjax atte
                      "rows x queries x cache slots up to which a pass with a cache attends by "
                      "multiply-and-sum rather than matmuls (llama.MULTIPLY_SUM_PAIRS)")
 flags.DEFINE_integer("multiply_sum_queries", llama.MULTIPLY_SUM_QUERIES, "psjax attention: "
-                     "... and queries a row up to which (1: one-token steps only; "
-                     "llama.MULTIPLY_SUM_QUERIES)")
+                     "the most queries a row for which multiply-and-sum is used (1: one-token "
+                     "steps only, verify passes as matmuls; llama.MULTIPLY_SUM_QUERIES)")
 flags.DEFINE_integer("gemm_min_rows", 0, "psjax: products of fewer rows are padded to this "
                      "many, so XLA keeps them GEMMs (1 = off: a batch-1 decode step's "
                      "projections become reductions); 0 = llama.GEMM_MIN_ROWS' default")
