@@ -7,6 +7,10 @@
 #                                                registry model NAME (smol, qwen05, qwen15) cut
 #                                                into .up/NAME.partNN.d/, 40 MiB each (a carry is
 #                                                64 MiB with the ~13 MB working tree)
+#   launch/gpu_pipeline.sh wheels                HERE, not there (PYTHON=.venv/bin/python): the
+#                                                packages psjax needs that the GPU image lacks,
+#                                                as Python 3.12 wheels at this venv's versions,
+#                                                and the Spec-Bench questions, into .whl/
 #   launch/gpu_pipeline.sh prompts               HERE, not there: the ShareGPT conversations cut
 #                                                to their first 4 user turns (what distill
 #                                                answers), gzipped into .whl/ for setup
@@ -93,6 +97,8 @@ self_distill() {
       "$OUT/${kind}_$model"
   run unpack "$model" "$kind" "$OUT"
 }
+# What psjax imports that the GPU machine's image does not have (setup checks them there).
+MISSING_THERE=(gguf ml_collections tensorboardX)
 declare -A GGUF_SHA=(
   [smol]=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
   [qwen05]=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
@@ -112,6 +118,15 @@ case $stage in
 dir=\$(${PYTHON:-python3} -m psjax.convert.registry --model ${REGISTRY_OF[$name]} | tail -n 1) && \
 split -b 40M -d -a 2 \"\$(dirname \"\$dir\")/model.gguf\" .up/$name.part && \
 for p in .up/$name.part??; do mkdir -p \$p.d && mv \$p \$p.d/; done && ls -d .up/$name.part*.d" ;;
+  wheels)
+    run mkdir -p .whl
+    for pkg in "${MISSING_THERE[@]}"; do
+      version=$(${PYTHON:-python3} -m pip show "$pkg" | awk '/^Version:/ {print $2}')
+      [[ -n $version ]] || { echo "wheels: $pkg is not installed here (make venv)" >&2; exit 2; }
+      run python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+          --implementation cp --platform manylinux2014_x86_64 -d .whl "$pkg==$version"
+    done
+    run cp ../shared/data/spec_bench/question.jsonl .whl/ ;;
   setup)
     run python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl
@@ -124,7 +139,12 @@ for p in .up/$name.part??; do mkdir -p \$p.d && mv \$p \$p.d/; done && ls -d .up
     run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     run python3 -c "import jax, flax, optax, orbax.checkpoint as o, transformers, torch; \
 print(jax.__version__, flax.__version__, optax.__version__, transformers.__version__, \
-torch.__version__, jax.devices())" ;;
+torch.__version__, jax.devices())"
+    for pkg in "${MISSING_THERE[@]}"; do
+      run python3 -c "import $pkg" 2>/dev/null || {
+        echo "setup: $pkg is missing: run launch/gpu_pipeline.sh wheels here, carry .whl" >&2
+        exit 1; }
+    done ;;
   piece)
     run mkdir -p /tmp/stage
     run cp ".up/${1:?piece directory under .up/}"/* /tmp/stage/ ;;

@@ -1,7 +1,9 @@
 """The launchers' commands, as DRY_RUN=1 prints them (no GPU, TPU or cluster needed)."""
 
+import importlib.metadata
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -34,6 +36,19 @@ def test_gpu_pipeline_splits_a_registry_model_into_carriable_pieces():
     assert "split -b 40M -d -a 2" in out and ".up/qwen05.part" in out
     result = launch("gpu_pipeline.sh", "split", "qwen7", check=False)
     assert result.returncode == 2 and "unknown model qwen7" in result.stderr
+
+
+def test_gpu_pipeline_carries_what_the_gpu_image_lacks():
+    """`wheels` fetches, at this venv's versions, each package psjax imports that the GPU
+    machine lacks; `setup` there stops, naming `wheels`, when one did not come along."""
+    out = dry_run("gpu_pipeline.sh", "wheels", PYTHON=sys.executable)
+    assert "--python-version 3.12 --implementation cp" in out
+    for package in ("gguf", "ml_collections", "tensorboardX"):
+        assert f"-d .whl {package}=={importlib.metadata.version(package)}" in out
+    assert "question.jsonl .whl/" in out
+    setup = dry_run("gpu_pipeline.sh", "setup")
+    assert all(f'python3 -c import {p}' in setup
+               for p in ("gguf", "ml_collections", "tensorboardX"))
 
 
 def test_gpu_pipeline_distills_on_every_gpu():
