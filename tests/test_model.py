@@ -16,6 +16,7 @@ from psjax import sharding
 from psjax.convert import hf
 from psjax.models.config import ModelConfig, UnsupportedConfigError
 from psjax.models import llama
+from psjax.models.kv_cache import KVCache
 from psjax.models.llama import Transformer
 
 
@@ -120,6 +121,28 @@ def test_uncached_attention_implementation_computes_the_same(variant):
                                                                  positions)
     np.testing.assert_allclose(causal.hidden, plain.hidden, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(causal.logits, plain.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["einsum", "xla"])
+def test_prefill_attends_among_the_prompt_only(attention):
+    """A prompt pass into an empty cache with `prefill` (the prompt attends among itself, as
+    `uncached_attention` does) gives the logits, features and cache of the pass over every slot
+    of the cache with the empty ones masked; a step after it continues the same."""
+    _, path = tiny_models.make("llama_gqa_untied")
+    config, params = hf.load_hf_dir(path)
+    module = Transformer(config, uncached_attention=attention, feature_layers=(1,))
+    tokens = jnp.asarray(np.random.RandomState(8).randint(0, config.vocab_size, (2, 16)))
+    positions = jnp.broadcast_to(jnp.arange(16), tokens.shape)
+    cache = KVCache.create(config, 2, 40, jnp.float32)
+    outs = [module.apply({"params": params}, tokens, positions, cache, prefill=prefill)
+            for prefill in (False, True)]
+    for a, b in zip(outs[0][:2] + (outs[0].features,), outs[1][:2] + (outs[1].features,)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(outs[0].cache), jax.tree.leaves(outs[1].cache)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    step = [module.apply({"params": params}, tokens[:, :1], jnp.full((2, 1), 16),
+                         out.cache.commit(jnp.full((2,), 16))).logits for out in outs]
+    np.testing.assert_allclose(step[1], step[0], rtol=1e-5, atol=1e-5)
 
 
 def test_mlp_hidden_dtype_rounds_only_the_mlp_hidden_array():

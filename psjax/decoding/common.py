@@ -63,11 +63,12 @@ def check_capacity(prompt_lengths: np.ndarray, padded_width: int, max_new_tokens
 
 def prefill(module: Transformer, params, tokens: jax.Array, lengths: jax.Array,
             cache: KVCache):
-    """One pass over the padded prompts. Returns the logits at each row's last prompt token, the
-    features of all prompt positions [B, P, F] (`Output.features`), and the cache with the
-    prompts committed."""
+    """One pass over the padded prompts into the empty `cache`. Returns the logits at each row's
+    last prompt token, the features of all prompt positions [B, P, F] (`Output.features`), and
+    the cache with the prompts committed."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    out = module.apply({"params": params}, tokens, positions, cache, logits_at=lengths - 1)
+    out = module.apply({"params": params}, tokens, positions, cache, logits_at=lengths - 1,
+                       prefill=True)
     return out.logits[:, 0], out.features, out.cache.replace(lengths=lengths)
 
 

@@ -122,11 +122,13 @@ class ParallelDrafterModule(nn.Module):
 
     @nn.compact
     def __call__(self, embedding: jax.Array, tokens: jax.Array, features: jax.Array | None,
-                 positions: jax.Array, mask: jax.Array, cache_kv=None, starts=None):
+                 positions: jax.Array, mask: jax.Array, cache_kv=None, starts=None,
+                 prefill=False):
         """embedding [V, D]: the target's (frozen) table. tokens [B, T]: real ids, or mask ids
         >= V. features [B, T, F]: h_{j-1} for real tokens (feature mode; ignored at masks;
         F = config.feature_size).
-        mask: [B, T, T] without a cache, [B, T, S] with one."""
+        mask: [B, T, T] without a cache or with `prefill` (the cache is empty: Attention),
+        [B, T, S] with one."""
         c = self.config
         d, v = c.target.hidden_size, c.target.vocab_size
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -152,7 +154,7 @@ class ParallelDrafterModule(nn.Module):
                 jnp.concatenate([x, feats], axis=-1))
         layer = DecoderLayer(c.layer_config, name="layer",
                              uncached_attention=self.uncached_attention, **kw)
-        x, new_kv = layer(x, positions, mask, cache_kv, starts)
+        x, new_kv = layer(x, positions, mask, cache_kv, starts, prefill)
         return RMSNorm(c.target.rms_norm_eps, name="norm", **kw)(x), new_kv
 
 
@@ -194,10 +196,10 @@ class ParallelSpec(Drafter):
         return self.config.feature_layers
 
     def _forward(self, params, context_params, tokens, features, positions, mask, cache,
-                 starts):
+                 starts, prefill=False):
         hidden, kv = self.module.apply(
             {"params": params}, target_embedding(context_params), tokens, features, positions,
-            mask, None if cache is None else (cache.k[0], cache.v[0]), starts)
+            mask, None if cache is None else (cache.k[0], cache.v[0]), starts, prefill)
         return hidden, kv
 
     def _commit_width(self, depth: int | None) -> int:
@@ -216,9 +218,7 @@ class ParallelSpec(Drafter):
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
         causal = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
         _, (k, v) = self._forward(params, context.target_params, prompt.tokens, shifted,
-                                  positions, kv_cache.attention_mask(cache.lengths, causal,
-                                                                     cache_length),
-                                  cache, cache.lengths)
+                                  positions, causal, cache, cache.lengths, prefill=True)
         cache = cache.replace(k=(k,), v=(v,), lengths=prompt.lengths)
         width = self._commit_width(depth)
         last = jnp.take_along_axis(prompt.features, (prompt.lengths - 1)[:, None, None], axis=1)

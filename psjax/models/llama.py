@@ -199,6 +199,14 @@ MULTIPLY_SUM_QUERIES = 1
 MATMUL_ATTENTION = "einsum"
 
 
+def fastest_uncached_attention(dtype) -> str:
+    """Transformer.uncached_attention for passes without a cache and prompt passes: cuDNN's
+    flash attention on a GPU in 16-bit compute, the einsum form elsewhere (a CPU; float32,
+    which cuDNN's kernel does not take)."""
+    sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else "einsum"
+
+
 # cuDNN's flash attention backward (9.19, as jax 0.11.2 bundles it) gives a masked pass whose
 # length is 64 modulo 128 NaN query gradients in any row whose log-sum-exp is below -88.7 (ln of
 # float32's largest value); pytorch/pytorch#196678 meets it through the same kernel. The
@@ -279,9 +287,11 @@ class Attention(nn.Module):
     uncached_attention: str = "einsum"  # see Transformer
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache_kv=None, starts=None):
-        """x [B, T, D]; mask [B, T, S] (S = T without a cache), or None: causal among the T
-        tokens, without a cache (`attend`). Returns (out, (k, v))."""
+    def __call__(self, x, positions, mask, cache_kv=None, starts=None, prefill=False):
+        """x [B, T, D]; mask [B, T, S] (S = T without a cache or with `prefill`), or None:
+        causal among the T tokens (`attend`). `prefill`: the cache is empty, so the T tokens
+        attend among themselves as a pass without a cache does, and are written to it.
+        Returns (out, (k, v))."""
         c = self.config
         b, t, _ = x.shape
         n, k_heads, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -294,16 +304,17 @@ class Attention(nn.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k, v = k.astype(self.dtype), v.astype(self.dtype)  # as the cache keeps them
 
-        if cache_kv is None:
-            keys, values, new_kv = k, v, None
-        else:
-            keys = kv_cache.write(cache_kv[0], k, starts)  # [B, S, K, H]
-            values = kv_cache.write(cache_kv[1], v, starts)
-            new_kv = (keys, values)
+        keys, values, new_kv = k, v, None
+        if cache_kv is not None:
+            new_kv = (kv_cache.write(cache_kv[0], k, starts),  # [B, S, K, H]
+                      kv_cache.write(cache_kv[1], v, starts))
+            if not prefill:
+                keys, values = new_kv
+        uncached = cache_kv is None or prefill
 
         q = q.reshape(b, t, k_heads, n // k_heads, h)  # [B, T, K, G, H]
         out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), mask, self.dtype,
-                     self.uncached_attention if cache_kv is None else MATMUL_ATTENTION)
+                     self.uncached_attention if uncached else MATMUL_ATTENTION)
         out = out.reshape(b, t, n * h)
         # Into the float32 residual stream (DecoderLayer) without a bfloat16 rounding.
         out, = _project(self, out, ("o_proj",), (c.hidden_size,), (("heads", "embed"),),
@@ -337,7 +348,7 @@ class DecoderLayer(nn.Module):
     mlp_hidden_dtype: jnp.dtype = jnp.float32  # see Transformer
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache_kv=None, starts=None):
+    def __call__(self, x, positions, mask, cache_kv=None, starts=None, prefill=False):
         """The residual stream stays in float32 whatever the compute dtype, and every projection
         returns float32 (matmul inputs are rounded to the compute dtype, outputs are not). In
         bfloat16, rounding the outputs and the 2L residual sums (as HF does) is most of the
@@ -350,7 +361,7 @@ class DecoderLayer(nn.Module):
         attn_out, new_kv = Attention(c, name="self_attn", fused=self.fused,
                                      uncached_attention=self.uncached_attention, **kw)(
             RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), positions, mask,
-            cache_kv, starts)
+            cache_kv, starts, prefill)
         x = x + attn_out
         x = x + MLP(c, name="mlp", fused=self.fused, hidden_dtype=self.mlp_hidden_dtype, **kw)(
             RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
@@ -384,11 +395,11 @@ class Transformer(nn.Module):
     """The target decoder. `dtype` is the compute dtype, `param_dtype` the weights'. `fused`:
     q/k/v and gate/up each as one matmul (same parameters; for decoding, see `_project`).
     `uncached_attention`: how a pass without a cache attends (the trainer's: the target's over
-    whole sequences, causal, and the drafter's group-wise pass, masked): "einsum" as every
-    other pass (`attend`), or a jax.nn.dot_product_attention implementation, "xla" or "cudnn"
-    (GPU: flash attention; the einsum form's [T, T] softmax was most of the target pass's
-    non-matmul time on an H100, and its transposes most of the drafter's on an H200,
-    experiments/bench_train.py).
+    whole sequences, causal, and the drafter's group-wise pass, masked), and a prompt pass
+    (`prefill`): "einsum" as every other pass (`attend`), or a jax.nn.dot_product_attention
+    implementation, "xla" or "cudnn" (GPU: flash attention; the einsum form's [T, T] softmax
+    was most of the target pass's non-matmul time on an H100, and its transposes most of the
+    drafter's on an H200, experiments/bench_train.py). `fastest_uncached_attention` picks.
     `feature_layers`: the layers whose outputs make `Output.features`, side by side: n in
     1..L is the residual stream after n layers as layer n + 1 reads it (through that layer's
     input norm), n = L the final norm's output (`hidden`). Empty: `hidden` alone.
@@ -433,27 +444,34 @@ class Transformer(nn.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array,
                  cache: kv_cache.KVCache | None = None,
                  block_mask: jax.Array | None = None,
-                 logits_at: jax.Array | None = None, compute_logits: bool = True) -> Output:
+                 logits_at: jax.Array | None = None, compute_logits: bool = True,
+                 prefill: bool = False) -> Output:
         """tokens, positions [B, T]; block_mask [B, T, T] among the new tokens (default causal).
         `logits_at` [B]: compute logits only at that index of each row ([B, 1, V]); prefill
         of long prompts needs no [B, T, V] array. `compute_logits=False`: hidden states only.
 
         With a cache, the new keys/values are written after `cache.lengths` (not committed) and
-        every committed slot is visible; without one, the T tokens attend among themselves."""
+        every committed slot is visible; without one, the T tokens attend among themselves.
+        `prefill`: the cache is empty (lengths 0), so the T tokens attend among themselves as
+        without one (`uncached_attention`) and are written to it: the prompt pass computes no
+        scores for the slots the generation will fill (a 2,048-token prompt with 1,024 new
+        tokens: 2,048 x 2,048 instead of 2,048 x 3,081 per head)."""
         b, t = tokens.shape
-        if block_mask is None and cache is None and self.uncached_attention != "einsum":
+        uncached = cache is None or prefill
+        if block_mask is None and uncached and self.uncached_attention != "einsum":
             mask = None  # causal among the T tokens, by jax.nn.dot_product_attention (attend)
         else:
             if block_mask is None:
                 block_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-            mask = block_mask if cache is None else kv_cache.attention_mask(
+            mask = block_mask if uncached else kv_cache.attention_mask(
                 cache.lengths, block_mask, cache.max_length)
         x = nn.with_logical_constraint(self.embed(tokens).astype(jnp.float32),
                                        ("batch", "length", "act_embed"))
         new_k, new_v, residuals = [], [], {}
         for i, layer in enumerate(self.layers):
             layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, positions, mask, layer_kv, None if cache is None else cache.lengths)
+            x, kv = layer(x, positions, mask, layer_kv, None if cache is None else cache.lengths,
+                          prefill)
             if i + 1 in self.feature_layers:
                 residuals[i + 1] = x  # read by _features
             if kv is not None:

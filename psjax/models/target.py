@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from psjax.convert import hf
 from psjax.models.config import ModelConfig
-from psjax.models.llama import Transformer
+from psjax.models.llama import Transformer, fastest_uncached_attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -57,8 +57,9 @@ def random_target(config: ModelConfig, seed: int = 0, dtype: str = "float32",
                   scale: float = 1.0, fused: bool = False) -> Target:
     """A target of the given shapes with random weights (tiny test configs, and real shapes for
     timing models too large to bring along). `scale` multiplies the init: larger makes peakier
-    next-token distributions, which a drafter can learn. `fused`: as in load_target."""
-    module = Transformer(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], fused=fused)
+    next-token distributions, which a drafter can learn. `fused`, attention: as in
+    load_target."""
+    module = _module(config, dtype, fused)
     dummy = jnp.zeros((1, 4), jnp.int32)
     params = jax.jit(lambda rng: jax.tree.map(
         lambda x: x * scale if x.ndim > 1 else x,
@@ -70,7 +71,9 @@ def load_target(name_or_path: str, dtype: str = "float32", tokenizer: bool = Tru
                 fused: bool = True) -> Target:
     """A registry name (`smollm2-135m-instruct`, ...) or a local HF directory. `fused`: q/k/v
     and gate/up each run as one matmul (same parameters), 13% off a decode step of
-    Qwen2.5-0.5B on an H100 (results/limits_h100/)."""
+    Qwen2.5-0.5B on an H100 (results/limits_h100/). Prompt passes attend as
+    `llama.fastest_uncached_attention` says for the dtype (cuDNN's flash attention on a GPU in
+    bfloat16); `target.module.clone(uncached_attention=...)` picks another."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if os.path.isdir(name_or_path):
@@ -87,5 +90,9 @@ def load_target(name_or_path: str, dtype: str = "float32", tokenizer: bool = Tru
         if len(tok) > config.vocab_size:
             raise ValueError(f"tokenizer of {path} has {len(tok)} tokens but the model's "
                              f"vocab_size is {config.vocab_size}")
-    module = Transformer(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], fused=fused)
-    return Target(module, params, tok)
+    return Target(_module(config, dtype, fused), params, tok)
+
+
+def _module(config: ModelConfig, dtype: str, fused: bool) -> Transformer:
+    return Transformer(config, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], fused=fused,
+                       uncached_attention=fastest_uncached_attention(DTYPES[dtype]))

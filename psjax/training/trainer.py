@@ -286,8 +286,8 @@ class TrainConfig:
     # skipped; checked at logging steps).
     max_nonfinite_steps: int = 20
     # How the training passes attend (the target's over whole sequences, the drafter's
-    # group-wise pass: Transformer.uncached_attention), one of TRAIN_ATTENTION; "auto": cuDNN
-    # flash attention on a GPU, the einsum form elsewhere.
+    # group-wise pass: Transformer.uncached_attention), one of TRAIN_ATTENTION; "auto":
+    # llama.fastest_uncached_attention (cuDNN flash attention on a GPU in bfloat16).
     attention: str = "auto"
 
 
@@ -301,7 +301,7 @@ class Trainer:
         if attention not in TRAIN_ATTENTION:
             raise ValueError(f"attention must be one of {TRAIN_ATTENTION}, got {attention!r}")
         if attention == "auto":
-            attention = "cudnn" if jax.default_backend() == "gpu" else "einsum"
+            attention = llama.fastest_uncached_attention(compute_dtype)
         # The drafter reads the target module for its pass in loss_fn (with the features it
         # reads; the MLP's hidden array in the compute dtype: Transformer.mlp_hidden_dtype),
         # embeddings and head, and attends as its passes without a cache do.
