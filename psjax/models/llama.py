@@ -195,7 +195,9 @@ MULTIPLY_SUM_QUERIES = 1
 # How the matmul form runs: "einsum" (two einsums around a softmax, XLA's batched GEMMs) or a
 # jax.nn.dot_product_attention implementation, "xla" or "cudnn" (one fused kernel; GPU,
 # bfloat16). cuDNN measured no better for verify passes (results/attention_h100/
-# attention_cudnn_b8_b32.json: 3% faster at 17 queries, 17% slower at 3, batch 8), so einsum.
+# attention_cudnn_b8_b32.json: 3% faster at 17 queries, 17% slower at 3, batch 8; H200, batch 1,
+# 9 queries over ~1,550 slots: 1.729 vs 1.499 ms a step, results/attention_h200_cudnn_verify_1024/),
+# so einsum.
 MATMUL_ATTENTION = "einsum"
 
 
