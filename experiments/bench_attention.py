@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from psjax.bench import limits
-from psjax.bench.timing import card
+from psjax.bench.timing import run_header
 from psjax.decoding.tree import Tree
 from psjax.drafters.prompt_lookup import PromptLookup
 from psjax.models import llama
@@ -59,7 +59,7 @@ def main(argv):
     default_min_rows = llama.GEMM_MIN_ROWS
     llama.MULTIPLY_SUM_QUERIES = FLAGS.multiply_sum_queries
     target = random_target(limits.shape_config(FLAGS.shape), dtype="bfloat16", fused=True)
-    results = {"card": card(), "jax": jax.__version__, "shape": FLAGS.shape,
+    results = {**run_header(), "shape": FLAGS.shape,
                "new_tokens": FLAGS.new_tokens, "command": " ".join(sys.argv), "ar_ms": {},
                "spec_ms": {}}
     for batch, context in itertools.product(map(int, FLAGS.batch_sizes),

@@ -26,11 +26,10 @@ import sys
 
 from absl import app, flags
 import jax
-import numpy as np
 
 import psjax
 from psjax.bench import hf_baselines, specbench
-from psjax.bench.timing import card
+from psjax.bench.timing import run_header
 from psjax.data import spec_bench
 from psjax.decoding.sampling import Sampling
 from psjax.models import llama
@@ -105,7 +104,7 @@ def main(argv):
     target = psjax.load_target(hf_dir, dtype=FLAGS.dtype)
     prompts = [target.chat_prompt(turns)
                for turns in spec_bench.first_turns(FLAGS.questions, max(batch_sizes))]
-    results = {"card": card(), "jax": jax.__version__, "target": FLAGS.target,
+    results = {**run_header(), "target": FLAGS.target,
                "dtype": FLAGS.dtype, "max_new_tokens": FLAGS.max_new_tokens,
                "matmul_attention": FLAGS.matmul_attention,
                "command": " ".join(sys.argv), "cells": {}}

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psjax.bench import limits
-from psjax.bench.timing import card, measure_bandwidth_tbps
+from psjax.bench.timing import measure_bandwidth_tbps, run_header
 from psjax.decoding import autoregressive, speculative
 from psjax.decoding.tree import Tree
 from psjax.drafters import parallelspec
@@ -228,7 +228,7 @@ def main(argv):
     # A profile alone needs no floor: null in the JSON, not a bandwidth of 0.
     bandwidth = FLAGS.bandwidth_tbps or (None if FLAGS.profile_only else measure_bandwidth_tbps())
     taus = read_taus(FLAGS.tau_from)
-    results = {"card": card(), "jax": jax.__version__, "batch": FLAGS.batch,
+    results = {**run_header(), "batch": FLAGS.batch,
                "context": FLAGS.context, "k": FLAGS.k, "chain": FLAGS.chain or FLAGS.k + 1,
                "tree": FLAGS.tree, "lookup_tree": FLAGS.lookup_tree,
                "feature_layers": FLAGS.feature_layers, "fused": FLAGS.fused,

@@ -29,7 +29,7 @@ import numpy as np
 
 from psjax import sharding
 from psjax.bench import limits
-from psjax.bench.timing import card, timed
+from psjax.bench.timing import run_header, timed
 from psjax.drafters import parallelspec
 from psjax.models.target import random_target
 from psjax.training import trainer as trainer_lib
@@ -117,11 +117,10 @@ def main(argv):
                                                  FLAGS.attention):
         with tempfile.TemporaryDirectory() as workdir:
             rows.append(run_variant(target, int(k), float(dense), attention, workdir))
-    result = {"card": card(), "shape": FLAGS.shape, "batch_size": FLAGS.batch_size,
+    result = {**run_header(), "shape": FLAGS.shape, "batch_size": FLAGS.batch_size,
               "max_length": FLAGS.max_length, "num_anchors": FLAGS.num_anchors,
               "input_mode": FLAGS.input_mode,
-              "feature_layers": [int(n) for n in FLAGS.feature_layers], "jax": jax.__version__,
-              "rows": rows}
+              "feature_layers": [int(n) for n in FLAGS.feature_layers], "rows": rows}
     print("| k | dense | attention | step ms | steps/s | tokens/s | MFU |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:

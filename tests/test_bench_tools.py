@@ -125,6 +125,7 @@ def test_bench_train_runs(tmp_path):
     subprocess.run(cmd, check=True, cwd=REPO,
                    env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=""))
     result = json.loads(out.read_text())
+    assert {"card", "date", "jax"} <= set(result)  # timing.run_header: the results file's card
     assert result["feature_layers"] == [2, 15, 30]
     assert [r["num_masks"] for r in result["rows"]] == [1, 2]
     assert all(r["steps_per_s"] > 0 and r["model_tflops_per_step"] > 0
@@ -141,7 +142,9 @@ def test_bench_grid_runs(tmp_path):
            "--dtype", "float32", "--methods", "ar,parallelspec,parallelspec_lookup",
            "--ps_lookup_tree", "2,1", "--out", str(out)]
     subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
-    cells = json.loads(out.read_text())["cells"]
+    result = json.loads(out.read_text())
+    assert {"card", "date", "jax"} <= set(result)
+    cells = result["cells"]
     assert set(cells) == {"0/1", "0/2", "1/1", "1/2"}
     assert cells["0/2"]["ar"]["speedup"] == 1.0
     for method in ("parallelspec", "parallelspec_lookup"):  # float32: lossless

@@ -7,6 +7,7 @@ by running a call of the same shapes first.
 
 from __future__ import annotations
 
+import datetime
 import statistics
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -53,6 +54,12 @@ def measure_bandwidth_tbps() -> float:
 def card() -> str:
     """The accelerator's name as JAX reports it (`NVIDIA H100 80GB HBM3`, `cpu`, ...)."""
     return jax.devices()[0].device_kind
+
+
+def run_header() -> dict:
+    """What every results file opens with: the card, the date (UTC) and jax's version."""
+    today = datetime.datetime.now(datetime.timezone.utc).date()
+    return {"card": card(), "date": today.isoformat(), "jax": jax.__version__}
 
 
 def device_names(with_torch: bool = False) -> dict:
