@@ -74,6 +74,12 @@ def test_hlo_phases_from_named_scopes():
     assert limits.hlo_phases(hlo) == {"fusion.7": "verify", "gemm_fusion_dot.2": "draft",
                                       "loop_add_fusion": "loop", "wrapped_select": "loop",
                                       "fusion.9": "outside"}
+    # A profiled kernel's name is its instruction's with the dot as an underscore; library
+    # kernels (cuBLAS) have none.
+    assert limits.kernel_ops(["fusion_7", "loop_add_fusion", "nvjet_sm90_tss"], hlo) == {
+        "fusion_7": "jit(_generate)/while/body/verify/Transformer/layers_0/self_attn/"
+                    "convert_element_type",
+        "loop_add_fusion": "jit(_generate)/while/body/add", "nvjet_sm90_tss": ""}
 
 
 def test_the_engine_names_its_phases_in_the_compiled_loop():

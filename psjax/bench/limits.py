@@ -140,6 +140,17 @@ def hlo_phases(hlo_text: str) -> dict[str, str]:
     return phases
 
 
+def kernel_ops(kernels: Sequence[str], hlo_text: str) -> dict[str, str]:
+    """Profiled kernel name -> its HLO instruction's op_name (`fusion_1699` is `%fusion.1699`;
+    '' for a library kernel, which has no instruction): which jax op a hot kernel computes."""
+    ops = hlo_ops(hlo_text)
+    return {k: ops.get(_instruction(k), ops.get(k, "")) for k in kernels}
+
+
+def _instruction(kernel: str) -> str:
+    return re.sub(r"_(\d+)$", r".\1", kernel)
+
+
 def scope_phases(hlo_text: str, scopes: Sequence[str]) -> dict[str, str]:
     """Instruction name -> phase for a step without a loop (a train step): the outermost of
     `scopes` in its op_name (under a gradient it reads `jvp(drafter)/...`), with `backward/`
@@ -164,8 +175,9 @@ def device_trace(fn: Callable[[], Any], steps: int,
     names its op and jax.named_scope path; the trace does not carry that path while XLA's
     command buffers are on, so `hlo_text` (called after fn() compiled: the module's optimized
     HLO, e.g. from an XLA dump) gives the time per phase (`hlo_phases`; library kernels such as
-    cuBLAS GEMMs and TopK have no HLO name: `unattributed`); `phase_of` maps that text to
-    instruction name -> phase. Empty where the trace has no device kernels (CPU)."""
+    cuBLAS GEMMs and TopK have no HLO name: `unattributed`) and the op each top named kernel
+    computes (`kernel_ops`); `phase_of` maps that text to instruction name -> phase. Empty
+    where the trace has no device kernels (CPU)."""
     fn()
     logdir = tempfile.mkdtemp(prefix="psjax_trace_")
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
@@ -203,11 +215,12 @@ def device_trace(fn: Callable[[], Any], steps: int,
            "top_kernels_ms_per_step": top(kinds),
            "top_named_kernels_ms_per_step": top(names)}
     if hlo_text is not None:
-        phase_by_name = phase_of(hlo_text())
+        text = hlo_text()
+        phase_by_name = phase_of(text)
         phases: dict[str, float] = {}
         for name, us in names.items():
-            phase = phase_by_name.get(re.sub(r"_(\d+)$", r".\1", name),
-                                      phase_by_name.get(name, "unattributed"))
+            phase = phase_by_name.get(_instruction(name), phase_by_name.get(name, "unattributed"))
             phases[phase] = phases.get(phase, 0.0) + us
         out["phases_ms_per_step"] = top(phases)
+        out["top_named_kernels_op"] = kernel_ops(out["top_named_kernels_ms_per_step"], text)
     return out
