@@ -38,7 +38,6 @@ Smoke test on a CPU: `--num_prompts 2 --max_new_tokens 8 --batch_sizes 1,2`.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
@@ -52,7 +51,7 @@ import psjax  # noqa: E402
 from psjax.bench import hf_baselines  # noqa: E402
 from psjax.bench.hf_baselines import count_params, resolve_model  # noqa: E402
 from psjax.bench.timing import device_names as _device_names  # noqa: E402
-from psjax.bench.timing import measure_bandwidth_tbps, time_batches  # noqa: E402
+from psjax.bench.timing import measure_bandwidth_tbps, time_batches, today  # noqa: E402
 from psjax.data import spec_bench  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,7 +201,7 @@ def main(argv):
     rows = run_methods(methods, target, hf_dir, prompts, n_new, cache_length)
 
     devices = device_names(methods)
-    info = dict(command=" ".join(sys.argv), date=str(datetime.date.today()), devices=devices,
+    info = dict(command=" ".join(sys.argv), date=today(), devices=devices,
                 model=FLAGS.model, hf_dir=hf_dir, dtype=FLAGS.dtype, max_new_tokens=n_new,
                 fixed_length=True, cache_length=cache_length,
                 prompt_lengths=list(map(len, prompts)),

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -55,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psjax.bench import hf_baselines
-from psjax.bench.timing import timed
+from psjax.bench.timing import timed, today
 from psjax.data.spec_bench import CATEGORIES
 from psjax.decoding import autoregressive, common, speculative
 from psjax.decoding.sampling import GREEDY, Sampling
@@ -520,7 +519,7 @@ def summarize(records: Sequence[dict], *, card: str, target: str, command: str,
                 tokens_per_s=_round(speed(qs)),
                 divergences=sum(q["divergences"] for q in qs) if checked else None,
                 mismatches=sum(q["mismatches"] for q in qs) if checked else None)
-    summary = dict(card=card, date=date or datetime.date.today().isoformat(), target=target,
+    summary = dict(card=card, date=date or today(), target=target,
                    command=command, methods=methods)
     if failures:
         summary["failed"] = dict(failures)

@@ -56,10 +56,14 @@ def card() -> str:
     return jax.devices()[0].device_kind
 
 
+def today() -> str:
+    """The date a results file records (YYYY-MM-DD)."""
+    return datetime.date.today().isoformat()
+
+
 def run_header() -> dict:
-    """What every results file opens with: the card, the date (UTC) and jax's version."""
-    today = datetime.datetime.now(datetime.timezone.utc).date()
-    return {"card": card(), "date": today.isoformat(), "jax": jax.__version__}
+    """What every results file opens with: the card, the date and jax's version."""
+    return {"card": card(), "date": today(), "jax": jax.__version__}
 
 
 def device_names(with_torch: bool = False) -> dict:
