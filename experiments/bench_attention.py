@@ -41,8 +41,8 @@ flags.DEFINE_list("multiply_sum_pairs", ["1000000", "0"], "llama.MULTIPLY_SUM_PA
 flags.DEFINE_integer("multiply_sum_queries", 64, "llama.MULTIPLY_SUM_QUERIES: queries a row "
                      "up to which --multiply_sum_pairs applies (64: every chain, as in the "
                      "recorded runs; psjax's default is 1)")
-flags.DEFINE_list("matmul_attention", ["einsum"], "llama.MATMUL_ATTENTION values to compare "
-                  "(einsum, xla, cudnn): how the matmul form runs")
+flags.DEFINE_list("matmul_attention", [llama.MATMUL_ATTENTION], "llama.MATMUL_ATTENTION "
+                  f"values to compare {llama.MATMUL_ATTENTION_FORMS}: how the matmul form runs")
 flags.DEFINE_list("gemm_min_rows", ["0"], "llama.GEMM_MIN_ROWS values (for this backend) to "
                   "compare (1: one-row products left to XLA, which makes them reductions; 0: "
                   "llama's default for this backend)")

@@ -51,7 +51,7 @@ flags.DEFINE_string("ps_tree", "4,2,2,1", "parallelspec_tree: branching per dept
 flags.DEFINE_string("ps_lookup_tree", "", "parallelspec_lookup: the tree (as --ps_tree; "
                     "empty: --ps_tree's)")
 flags.DEFINE_integer("pld_k", 10, "pld: chain length")
-flags.DEFINE_enum("matmul_attention", "einsum", ["einsum", "xla", "cudnn"],
+flags.DEFINE_enum("matmul_attention", llama.MATMUL_ATTENTION, llama.MATMUL_ATTENTION_FORMS,
                   "llama.MATMUL_ATTENTION: how attention's matmul form (verify passes of a "
                   "batch, prompt passes) runs; cudnn needs a GPU")
 flags.DEFINE_string("out", "", "JSON file for the results")

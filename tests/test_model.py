@@ -74,6 +74,17 @@ def test_attention_paths_agree(monkeypatch):
     # cuDNN one needs a GPU): same head grouping, same mask.
     fused = llama.attend(q, keys, values, mask, jnp.float32, implementation="xla")
     np.testing.assert_allclose(fused, outs[0], rtol=1e-5, atol=1e-5)
+    # The chunked form (softmax within chunks of slots, then across them), with a chunk no
+    # query sees; a cache the chunk does not divide takes the einsum form.
+    monkeypatch.setattr(llama, "SLOT_CHUNK", 8)
+    hidden_chunk = mask.at[:, :, 16:24].set(False)
+    for m in (mask, hidden_chunk):
+        chunked = llama.attend(q, keys, values, m, jnp.float32, implementation="chunked")
+        want = llama.attend(q, keys, values, m, jnp.float32, implementation="einsum")
+        np.testing.assert_allclose(chunked, want, rtol=1e-5, atol=1e-5)
+    jaxpr = lambda s: str(jax.make_jaxpr(lambda q: llama.attend(
+        q, keys[:, :s], values[:, :s], mask[..., :s], jnp.float32, implementation="chunked"))(q))
+    assert "8,2,16" in jaxpr(40) and "8,2,16" not in jaxpr(39)  # keys as [B, 5, 8, K, H]
 
 
 def test_einsum_float32_gradient_is_autodiffs_in_float32():
@@ -339,9 +350,10 @@ def test_pad_to_tiles_keeps_attention_and_its_gradients():
 
 
 def test_attend_pads_masked_cudnn_passes(monkeypatch):
-    """attend hands cuDNN only whole tiles when it passes a mask (the causal form, no mask, is
-    left alone) and returns the unpadded queries' attention: cuDNN replaced by the XLA
-    implementation here, which records what it was given."""
+    """attend hands cuDNN only whole tiles when it passes a mask to a pass that may be
+    differentiated (the causal form, no mask, is left alone) and returns the unpadded queries'
+    attention: cuDNN replaced by the XLA implementation here, which records what it was
+    given."""
     seen = []
     plain_attention = jax.nn.dot_product_attention
 
@@ -357,7 +369,11 @@ def test_attend_pads_masked_cudnn_passes(monkeypatch):
     mask = jnp.asarray(np.tril(np.ones((100, 100), bool)))[None].repeat(2, 0)
     masked = llama.attend(q, keys, values, mask, jnp.float32, implementation="cudnn")
     causal = llama.attend(q, keys, values, None, jnp.float32, implementation="cudnn")
-    assert seen == [(128, 128, "cudnn"), (100, 100, "cudnn")]
+    # Passes over a cache are never differentiated: they go unpadded.
+    over_cache = llama.attend(q, keys, values, mask, jnp.float32, implementation="cudnn",
+                              pad_tiles=False)
+    assert seen == [(128, 128, "cudnn"), (100, 100, "cudnn"), (100, 100, "cudnn")]
+    np.testing.assert_allclose(over_cache, masked, rtol=1e-5, atol=1e-5)
     want = llama.attend(q, keys, values, mask, jnp.float32)  # the einsum form
     np.testing.assert_allclose(masked, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(causal, want, rtol=1e-5, atol=1e-5)

@@ -168,6 +168,14 @@ def test_max_new_tokens_beyond_cache(tiny):
         autoregressive.generate(module, params, [[1] * 70], max_new_tokens=1, cache_length=64)
 
 
+def test_default_cache_is_whole_slot_chunks():
+    """Without a cache_length the loops make room for the padded prompt, the generation and the
+    lookahead, in whole chunks of llama.SLOT_CHUNK slots (the chunked attention form's unit)."""
+    assert common.default_cache_length(512, 1024, 11) == 1664
+    assert common.default_cache_length(16, 8) == 128
+    assert common.default_cache_length(128, 256) == 384
+
+
 def test_bad_draft_length(tiny):
     module, params, *_ = tiny
     with pytest.raises(ValueError, match="k must be >= 1"):

@@ -79,7 +79,7 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
     """Decodes a batch of token-id prompts (different lengths allowed) token by token."""
     tokens, lengths = common.pad_prompts(prompts, pad_id, prompt_width)
     if cache_length is None:
-        cache_length = int(tokens.shape[1]) + max_new_tokens
+        cache_length = common.default_cache_length(int(tokens.shape[1]), max_new_tokens)
     common.check_capacity(lengths, tokens.shape[1], max_new_tokens, cache_length)
     output, num_generated, steps = _generate(
         module, params, jnp.asarray(tokens), jnp.asarray(lengths),

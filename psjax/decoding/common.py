@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from psjax.models import llama
 from psjax.models.kv_cache import KVCache
 from psjax.models.llama import Transformer
 
@@ -42,6 +43,13 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0,
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = prompt
     return tokens, lengths
+
+
+def default_cache_length(padded_width: int, max_new_tokens: int, lookahead: int = 0) -> int:
+    """Room for the padded prompts, the generation and one step's lookahead (draft tokens),
+    in whole chunks of llama.SLOT_CHUNK slots (the unit of the chunked attention form)."""
+    need = padded_width + max_new_tokens + lookahead
+    return llama.SLOT_CHUNK * -(-need // llama.SLOT_CHUNK)
 
 
 def check_capacity(prompt_lengths: np.ndarray, padded_width: int, max_new_tokens: int,

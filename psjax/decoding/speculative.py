@@ -156,7 +156,8 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
     tokens, lengths = common.pad_prompts(prompts, pad_id, prompt_width)
     lookahead = max(tree.num_nodes + 1, drafter.cache_lookahead(tree.max_depth))
     if cache_length is None:
-        cache_length = int(tokens.shape[1]) + max_new_tokens + lookahead
+        cache_length = common.default_cache_length(int(tokens.shape[1]), max_new_tokens,
+                                                   lookahead)
     common.check_capacity(lengths, tokens.shape[1], max_new_tokens, cache_length, lookahead)
     sequence, num_generated, steps, accepted = _generate(
         module, params, drafter, drafter_params, jnp.asarray(tokens), jnp.asarray(lengths),

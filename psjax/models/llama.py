@@ -192,13 +192,16 @@ MULTIPLY_SUM_PAIRS = 14_336
 # ~785 slots (results/attention_h200_multiply_sum_ab_12q/); the one-token step kept
 # multiply-and-sum's lead at ~3,100 slots (Summarization: 759-763 vs 588 tok/s as matmuls).
 MULTIPLY_SUM_QUERIES = 1
-# How the matmul form runs: "einsum" (two einsums around a softmax, XLA's batched GEMMs) or a
-# jax.nn.dot_product_attention implementation, "xla" or "cudnn" (one fused kernel; GPU,
-# bfloat16). cuDNN measured no better for verify passes (results/attention_h100/
-# attention_cudnn_b8_b32.json: 3% faster at 17 queries, 17% slower at 3, batch 8; H200, batch 1,
-# 9 queries over ~1,550 slots: 1.729 vs 1.499 ms a step, results/attention_h200_cudnn_verify_1024/),
-# so einsum.
-MATMUL_ATTENTION = "einsum"
+# How the matmul form runs: "chunked" (`chunked_attention`: two einsums around a softmax taken
+# within SLOT_CHUNK-slot chunks, then across them), "einsum" (the same over all slots at once)
+# or a jax.nn.dot_product_attention implementation, "xla" or "cudnn" (one fused kernel; GPU,
+# bfloat16). On an H200 (Qwen2.5-0.5B shape, batch 1, a chain of 8 over ~1,660 slots, cuDNN
+# unpadded: results/profile_h200_verify_attention/) a verify step took 1.256 ms chunked,
+# 1.596 einsum, 1.513 cuDNN; at batch 8, cuDNN was 3% faster than einsum at 17 queries and 17%
+# slower at 3 (H100, results/attention_h100/attention_cudnn_b8_b32.json).
+MATMUL_ATTENTION = "chunked"
+DOT_PRODUCT_ATTENTION = ("xla", "cudnn")  # jax.nn.dot_product_attention implementations
+MATMUL_ATTENTION_FORMS = ("chunked", "einsum") + DOT_PRODUCT_ATTENTION
 
 
 def fastest_uncached_attention(dtype) -> str:
@@ -217,6 +220,10 @@ def fastest_uncached_attention(dtype) -> str:
 # whole tiles.
 CUDNN_TILE = 128
 
+# "chunked" attention's chunk of cache slots (a cache whose length it does not divide runs the
+# einsum form; the decoding loops size their caches in multiples of it).
+SLOT_CHUNK = 128
+
 
 def pad_to_tiles(q, keys, values, mask, tile: int = CUDNN_TILE):
     """q [B, T, N, H], keys and values [B, S, K, H], mask [B, 1, T, S] padded with zeros to T
@@ -232,8 +239,36 @@ def pad_to_tiles(q, keys, values, mask, tile: int = CUDNN_TILE):
     return pad(q, pad_t), pad(keys, pad_s), pad(values, pad_s), mask
 
 
+def chunked_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+                      dtype, chunk: int) -> jax.Array:
+    """`attend`'s matmul form with the S slots split into S / chunk chunks (flash-decoding's
+    split, in XLA ops): each chunk's softmax max, sum and probability-weighted values, then
+    the chunks combined by their maxima. The same attention up to float32 rounding.
+
+    Why: XLA's GPU compiler lays the scores GEMM's output out slots-major ([K, S, T*G]), so the
+    softmax's max and sum over S become column reductions with only K*T*G outputs: on an H200
+    (Qwen2.5-0.5B shape, 9 queries over 1,547 slots) the masked max alone took 13 us a layer,
+    0.31 of a 1.74 ms verify step (results/profile_h200_verify_attention/). Reduced within
+    chunks, the same reductions have S / chunk times as many outputs."""
+    b, t, k, g, h = q.shape
+    n = keys.shape[1] // chunk
+    keys = keys.reshape(b, n, chunk, k, h)
+    values = values.reshape(b, n, chunk, k, h)
+    scores = einsum_float32("btkgh,bnckh->bkgtnc", q.astype(keys.dtype), keys)
+    scores = jnp.where(mask.reshape(b, 1, 1, t, n, chunk), scores * h ** -0.5,
+                       jnp.finfo(jnp.float32).min)
+    chunk_max = jnp.max(scores, axis=-1)  # [B, K, G, T, N]
+    probs = jnp.exp(scores - chunk_max[..., None])
+    chunk_sum = jnp.sum(probs, axis=-1)
+    chunk_out = einsum_float32("bkgtnc,bnckh->bkgtnh", probs.astype(values.dtype), values)
+    weight = jnp.exp(chunk_max - jnp.max(chunk_max, axis=-1, keepdims=True))  # [B, K, G, T, N]
+    out = jnp.einsum("bkgtn,bkgtnh->btkgh", weight, chunk_out) / jnp.einsum(
+        "bkgtn,bkgtn->btkg", weight, chunk_sum)[..., None]
+    return out.astype(dtype)
+
+
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | None,
-           dtype, implementation: str = "einsum") -> jax.Array:
+           dtype, implementation: str = "einsum", pad_tiles: bool = True) -> jax.Array:
     """Softmax attention of q [B, T, K, G, H] over keys, values [B, S, K, H] where mask [B, T, S]
     allows; returns [B, T, K, G, H] in `dtype`. Scores and sums accumulate in float32.
 
@@ -241,7 +276,8 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     flash attention: the [T, S] scores never reach memory) for every call but the few-query
     ones below. Attention passes Transformer.uncached_attention for a pass without a cache,
     MATMUL_ATTENTION for one with. mask None: causal attention of T tokens among themselves
-    (needs "xla" or "cudnn").
+    (needs "xla" or "cudnn"). `pad_tiles`: masked cuDNN passes are padded to whole tiles
+    (`pad_to_tiles`: a gradient's NaN); passes over a cache, never differentiated, need not be.
 
     For a few queries against a long cache the products are written as multiply-and-sum, which
     XLA fuses into one reduction per product whatever the cache size. Written as matmuls, they
@@ -254,12 +290,14 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     h = q.shape[-1]
     b, t, s = q.shape[0], q.shape[1], keys.shape[1]
     few = mask is not None and t <= MULTIPLY_SUM_QUERIES and b * t * s <= MULTIPLY_SUM_PAIRS
-    if not few and implementation != "einsum":
+    if not few and implementation == "chunked" and mask is not None and s % SLOT_CHUNK == 0:
+        return chunked_attention(q, keys, values, mask, dtype, SLOT_CHUNK)
+    if not few and implementation in DOT_PRODUCT_ATTENTION:
         # query head k * G + g reads kv head k, as here
         q_heads, mask_heads = q.reshape(b, t, -1, h).astype(keys.dtype), None
         if mask is not None:
             mask_heads = mask[:, None]
-            if implementation == "cudnn":
+            if implementation == "cudnn" and pad_tiles:
                 q_heads, keys, values, mask_heads = pad_to_tiles(q_heads, keys, values,
                                                                  mask_heads)
         out = jax.nn.dot_product_attention(q_heads, keys, values, mask=mask_heads,
@@ -316,7 +354,8 @@ class Attention(nn.Module):
 
         q = q.reshape(b, t, k_heads, n // k_heads, h)  # [B, T, K, G, H]
         out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), mask, self.dtype,
-                     self.uncached_attention if uncached else MATMUL_ATTENTION)
+                     self.uncached_attention if uncached else MATMUL_ATTENTION,
+                     pad_tiles=uncached)
         out = out.reshape(b, t, n * h)
         # Into the float32 residual stream (DecoderLayer) without a bfloat16 rounding.
         out, = _project(self, out, ("o_proj",), (c.hidden_size,), (("heads", "embed"),),
@@ -460,7 +499,7 @@ class Transformer(nn.Module):
         tokens: 2,048 x 2,048 instead of 2,048 x 3,081 per head)."""
         b, t = tokens.shape
         uncached = cache is None or prefill
-        if block_mask is None and uncached and self.uncached_attention != "einsum":
+        if block_mask is None and uncached and self.uncached_attention in DOT_PRODUCT_ATTENTION:
             mask = None  # causal among the T tokens, by jax.nn.dot_product_attention (attend)
         else:
             if block_mask is None:
