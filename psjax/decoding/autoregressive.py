@@ -12,7 +12,6 @@ from typing import Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from psjax.decoding import common
 from psjax.decoding.sampling import GREEDY, Sampling, choose
@@ -83,7 +82,8 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
     common.check_capacity(lengths, tokens.shape[1], max_new_tokens, cache_length)
     output, num_generated, steps = _generate(
         module, params, jnp.asarray(tokens), jnp.asarray(lengths),
-        jax.random.PRNGKey(0) if rng is None else rng, max_new_tokens=max_new_tokens,
+        common.default_rng() if rng is None else rng, max_new_tokens=max_new_tokens,
         sampling=sampling, eos_ids=tuple(sorted(eos_ids)), pad_id=pad_id,
         cache_length=cache_length, cache_dtype=jnp.dtype(cache_dtype or module.dtype))
-    return common.Generation(np.asarray(output), np.asarray(num_generated), int(steps))
+    output, num_generated, steps = jax.device_get((output, num_generated, steps))  # one wait
+    return common.Generation(output, num_generated, int(steps))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -50,6 +51,12 @@ def default_cache_length(padded_width: int, max_new_tokens: int, lookahead: int 
     in whole chunks of llama.SLOT_CHUNK slots (the unit of the chunked attention form)."""
     need = padded_width + max_new_tokens + lookahead
     return llama.SLOT_CHUNK * -(-need // llama.SLOT_CHUNK)
+
+
+@functools.cache
+def default_rng() -> jax.Array:
+    """The key of calls given none: made once (each new key is a device dispatch, ~0.2 ms)."""
+    return jax.random.PRNGKey(0)
 
 
 def check_capacity(prompt_lengths: np.ndarray, padded_width: int, max_new_tokens: int,

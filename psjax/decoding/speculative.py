@@ -161,11 +161,13 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
     common.check_capacity(lengths, tokens.shape[1], max_new_tokens, cache_length, lookahead)
     sequence, num_generated, steps, accepted = _generate(
         module, params, drafter, drafter_params, jnp.asarray(tokens), jnp.asarray(lengths),
-        jax.random.PRNGKey(0) if rng is None else rng, tree=tree,
+        common.default_rng() if rng is None else rng, tree=tree,
         max_new_tokens=max_new_tokens, sampling=sampling, eos_ids=tuple(sorted(eos_ids)),
         cache_length=cache_length, cache_dtype=jnp.dtype(cache_dtype or module.dtype))
-    sequence, num_generated, steps = np.asarray(sequence), np.asarray(num_generated), int(steps)
+    sequence, num_generated, steps, accepted = jax.device_get(
+        (sequence, num_generated, steps, accepted))  # one wait
+    steps = int(steps)
     out = np.full((len(prompts), max_new_tokens), pad_id, np.int32)
     for row, (start, n) in enumerate(zip(lengths, num_generated)):
         out[row, :n] = sequence[row, start:start + n]
-    return common.Generation(out, num_generated, steps, np.asarray(accepted)[:steps])
+    return common.Generation(out, num_generated, steps, accepted[:steps])
