@@ -70,10 +70,20 @@ def test_hlo_phases_from_named_scopes():
         'jit(_where)/select_n"}',
         '  %fusion.9 = f32[8] fusion(%s), metadata={op_name="jit(_generate)/Transformer/'
         'layers_0/add"}',
+        # A multi-output fusion without an op_name of its own: named by its computation's ops.
+        '  %input_reduce_select_fusion.23 = (f32[2], f32[8]) fusion(%t), kind=kInput, '
+        'calls=%fused_reduce_select.23, metadata={deduplicated_name="input_reduce_select_fusion"}',
+        '%fused_reduce_select.23 (param_0: f32[8]) -> (f32[2], f32[8]) {',
+        '  %param_0 = f32[8]{0} parameter(0), metadata={scheduling_name="param_0"}',
+        '  %select.1 = f32[8]{0} select(%a, %param_0, %b), metadata={op_name="jit(_generate)/'
+        'while/body/verify/Transformer/layers_0/self_attn/jit(_where)/select_n"}',
+        '}',
     ])
     assert limits.hlo_phases(hlo) == {"fusion.7": "verify", "gemm_fusion_dot.2": "draft",
                                       "loop_add_fusion": "loop", "wrapped_select": "loop",
-                                      "fusion.9": "outside"}
+                                      "fusion.9": "outside",
+                                      "input_reduce_select_fusion.23": "verify",
+                                      "select.1": "verify"}
     # A profiled kernel's name is its instruction's with the dot as an underscore; library
     # kernels (cuBLAS) have none.
     assert limits.kernel_ops(["fusion_7", "loop_add_fusion", "nvjet_sm90_tss"], hlo) == {

@@ -119,12 +119,25 @@ def spec_step_seconds(module: Transformer, params, prompts, drafter, drafter_par
 # ------------------------------------------------------------ where a decode step's time goes
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"', re.MULTILINE)
+_UNNAMED_CALL = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (?:(?!op_name=).)*?calls=%([\w.\-]+)'
+                           r'(?:(?!op_name=).)*$', re.MULTILINE)
+_COMPUTATION = re.compile(r'^%([\w.\-]+) .*?\{\n(.*?)^\}', re.MULTILINE | re.DOTALL)
 
 
 def hlo_ops(hlo_text: str) -> dict[str, str]:
     """Instruction name -> op_name (its jax.named_scope path), from a compiled module's HLO text
-    (`compiled.as_text()`, or an XLA dump's `*after_optimizations.txt`)."""
-    return dict(_INSTRUCTION.findall(hlo_text))
+    (`compiled.as_text()`, or an XLA dump's `*after_optimizations.txt`). A fusion whose own
+    metadata has no op_name (XLA leaves it off some multi-output fusions) takes the first
+    op_name inside the computation it calls."""
+    ops = dict(_INSTRUCTION.findall(hlo_text))
+    unnamed = dict(_UNNAMED_CALL.findall(hlo_text))
+    if unnamed:
+        bodies = dict(_COMPUTATION.findall(hlo_text))
+        for name, called in unnamed.items():
+            inner = _INSTRUCTION.search(bodies.get(called, ""))
+            if inner:
+                ops[name] = inner.group(2)
+    return ops
 
 
 def hlo_phases(hlo_text: str) -> dict[str, str]:
