@@ -5,8 +5,8 @@
 #
 #   launch/gpu_pipeline.sh split NAME            HERE, not there (PYTHON=.venv/bin/python): the
 #                                                registry model NAME (smol, qwen05, qwen15) cut
-#                                                into .up/NAME.partNN.d/, 40 MiB each (a carry is
-#                                                64 MiB with the ~13 MB working tree)
+#                                                into .up/NAME.partNN.d/, 24 MiB each (a carry is
+#                                                64 MiB with the working tree, ~27 MB in 2026-12)
 #   launch/gpu_pipeline.sh wheels                HERE, not there (PYTHON=.venv/bin/python): the
 #                                                packages psjax needs that the GPU image lacks,
 #                                                as Python 3.12 wheels at this venv's versions,
@@ -116,7 +116,7 @@ case $stage in
     # The registry prints the converted directory last; model.gguf sits beside it.
     run bash -c "rm -rf .up/$name.part* && mkdir -p .up && \
 dir=\$(${PYTHON:-python3} -m psjax.convert.registry --model ${REGISTRY_OF[$name]} | tail -n 1) && \
-split -b 40M -d -a 2 \"\$(dirname \"\$dir\")/model.gguf\" .up/$name.part && \
+split -b 24M -d -a 2 \"\$(dirname \"\$dir\")/model.gguf\" .up/$name.part && \
 for p in .up/$name.part??; do mkdir -p \$p.d && mv \$p \$p.d/; done && ls -d .up/$name.part*.d" ;;
   wheels)
     run mkdir -p .whl

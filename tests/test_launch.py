@@ -33,7 +33,7 @@ def test_gpu_pipeline_train_keeps_named_runs_apart():
 def test_gpu_pipeline_splits_a_registry_model_into_carriable_pieces():
     out = dry_run("gpu_pipeline.sh", "split", "qwen05", PYTHON="py")
     assert "py -m psjax.convert.registry --model qwen2.5-coder-0.5b-instruct" in out
-    assert "split -b 40M -d -a 2" in out and ".up/qwen05.part" in out
+    assert "split -b 24M -d -a 2" in out and ".up/qwen05.part" in out
     result = launch("gpu_pipeline.sh", "split", "qwen7", check=False)
     assert result.returncode == 2 and "unknown model qwen7" in result.stderr
 
