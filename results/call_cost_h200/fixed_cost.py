@@ -8,7 +8,9 @@ tokens, and the speedup by total time. Usage, from the repository root:
 
     python3 results/call_cost_h200/fixed_cost.py \
         results/specbench_qwen05b_h200_480q_1024_verify_matmuls/questions.jsonl \
-        results/specbench_qwen05b_h200_480q_1024_prompt_pass/questions.jsonl
+        results/specbench_qwen05b_h200_480q_1024_prompt_pass/questions.jsonl \
+        results/specbench_qwen05b_h200_480q_1024_chunked_attention/questions.jsonl \
+        > results/call_cost_h200/fixed_cost.json
 """
 import collections
 import json
