@@ -37,14 +37,17 @@ def tiny_target():
 MODES = [("token", ()), ("feature", ()), ("feature", (1, 2))]
 
 
-@pytest.mark.parametrize("mode,layers", MODES)
-def test_training_mode_equals_drafting_mode(tiny_target, mode, layers):
+@pytest.mark.parametrize("mode,layers,attention", [m + ("einsum",) for m in MODES]
+                         + [MODES[-1] + ("xla",)])
+def test_training_mode_equals_drafting_mode(tiny_target, mode, layers, attention):
     """Draft after a prefill, accept 2 drafts + a bonus token, draft again: at both steps the
     draft logits (root, MASK_1..MASK_k) equal the training-mode logits of the group at the same
-    anchor."""
+    anchor. With "xla" (passes without a cache through jax.nn.dot_product_attention, as cuDNN
+    on a GPU) the drafter's prompt pass is causal without a mask tensor."""
     module, params = tiny_target
     drafter = ps.build(ps.ParallelSpecConfig(module.config, num_masks=4, input_mode=mode,
-                                             feature_layers=layers), module)
+                                             feature_layers=layers),
+                       module.clone(uncached_attention=attention))
     dparams = ps.init_params(drafter, jax.random.PRNGKey(3))
     seq = np.random.RandomState(0).randint(0, 64, (1, 30)).astype(np.int32)
     module = module.clone(feature_layers=layers)

@@ -47,7 +47,7 @@ from psjax.drafters.draft_model import candidates_from_logits
 from psjax.models import kv_cache
 from psjax.models.config import ModelConfig
 from psjax.models.kv_cache import KVCache
-from psjax.models.llama import DecoderLayer, RMSNorm, Transformer
+from psjax.models.llama import DOT_PRODUCT_ATTENTION, DecoderLayer, RMSNorm, Transformer
 
 INPUT_MODES = ("token", "feature")
 NO_GROUP = -1  # the group id of real tokens
@@ -127,8 +127,9 @@ class ParallelDrafterModule(nn.Module):
         """embedding [V, D]: the target's (frozen) table. tokens [B, T]: real ids, or mask ids
         >= V. features [B, T, F]: h_{j-1} for real tokens (feature mode; ignored at masks;
         F = config.feature_size).
-        mask: [B, T, T] without a cache or with `prefill` (the cache is empty: Attention),
-        [B, T, S] with one."""
+        mask: [B, T, T] without a cache or with `prefill` (the cache is empty: Attention), or
+        None there for causal attention (a jax.nn.dot_product_attention implementation);
+        [B, T, S] with a cache."""
         c = self.config
         d, v = c.target.hidden_size, c.target.vocab_size
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -216,7 +217,10 @@ class ParallelSpec(Drafter):
                                    prompt.features[:, :-1]], axis=1)
         cache = KVCache.create(self.config.layer_config, b, cache_length, self.module.dtype)
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-        causal = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
+        # Causal among the prompt: by jax.nn.dot_product_attention's causal mode where the pass
+        # runs through it (no mask tensor, as the target's prompt pass), else a mask.
+        causal = None if self.module.uncached_attention in DOT_PRODUCT_ATTENTION else \
+            jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
         _, (k, v) = self._forward(params, context.target_params, prompt.tokens, shifted,
                                   positions, causal, cache, cache.lengths, prefill=True)
         cache = cache.replace(k=(k,), v=(v,), lengths=prompt.lengths)

@@ -272,9 +272,10 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     """Softmax attention of q [B, T, K, G, H] over keys, values [B, S, K, H] where mask [B, T, S]
     allows; returns [B, T, K, G, H] in `dtype`. Scores and sums accumulate in float32.
 
-    `implementation`: "einsum", or jax.nn.dot_product_attention's "xla" or "cudnn" (cuDNN's
-    flash attention: the [T, S] scores never reach memory) for every call but the few-query
-    ones below. Attention passes Transformer.uncached_attention for a pass without a cache,
+    `implementation`: "einsum", "chunked" (`chunked_attention`, where SLOT_CHUNK divides S;
+    else "einsum"), or jax.nn.dot_product_attention's "xla" or "cudnn" (cuDNN's flash
+    attention: the [T, S] scores never reach memory) for every call but the few-query ones
+    below. Attention passes Transformer.uncached_attention for a pass without a cache,
     MATMUL_ATTENTION for one with. mask None: causal attention of T tokens among themselves
     (needs "xla" or "cudnn"). `pad_tiles`: masked cuDNN passes are padded to whole tiles
     (`pad_to_tiles`: a gradient's NaN); passes over a cache, never differentiated, need not be.
