@@ -47,7 +47,7 @@ from psjax.drafters.draft_model import candidates_from_logits
 from psjax.models import kv_cache
 from psjax.models.config import ModelConfig
 from psjax.models.kv_cache import KVCache
-from psjax.models.llama import DOT_PRODUCT_ATTENTION, DecoderLayer, RMSNorm, Transformer
+from psjax.models.llama import DecoderLayer, RMSNorm, Transformer, causal_mask
 
 INPUT_MODES = ("token", "feature")
 NO_GROUP = -1  # the group id of real tokens
@@ -217,10 +217,7 @@ class ParallelSpec(Drafter):
                                    prompt.features[:, :-1]], axis=1)
         cache = KVCache.create(self.config.layer_config, b, cache_length, self.module.dtype)
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-        # Causal among the prompt: by jax.nn.dot_product_attention's causal mode where the pass
-        # runs through it (no mask tensor, as the target's prompt pass), else a mask.
-        causal = None if self.module.uncached_attention in DOT_PRODUCT_ATTENTION else \
-            jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
+        causal = causal_mask(b, p, self.module.uncached_attention)  # as the target's
         _, (k, v) = self._forward(params, context.target_params, prompt.tokens, shifted,
                                   positions, causal, cache, cache.lengths, prefill=True)
         cache = cache.replace(k=(k,), v=(v,), lengths=prompt.lengths)

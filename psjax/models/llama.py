@@ -267,6 +267,15 @@ def chunked_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: ja
     return out.astype(dtype)
 
 
+def causal_mask(b: int, t: int, implementation: str | None = None) -> jax.Array | None:
+    """[B, T, T] causal attention among T tokens, or None where `implementation` (a pass
+    without a cache) is a jax.nn.dot_product_attention one: its causal mode needs no mask
+    tensor (`attend`)."""
+    if implementation in DOT_PRODUCT_ATTENTION:
+        return None
+    return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+
+
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | None,
            dtype, implementation: str = "einsum", pad_tiles: bool = True) -> jax.Array:
     """Softmax attention of q [B, T, K, G, H] over keys, values [B, S, K, H] where mask [B, T, S]
@@ -500,13 +509,10 @@ class Transformer(nn.Module):
         tokens: 2,048 x 2,048 instead of 2,048 x 3,081 per head)."""
         b, t = tokens.shape
         uncached = cache is None or prefill
-        if block_mask is None and uncached and self.uncached_attention in DOT_PRODUCT_ATTENTION:
-            mask = None  # causal among the T tokens, by jax.nn.dot_product_attention (attend)
-        else:
-            if block_mask is None:
-                block_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-            mask = block_mask if uncached else kv_cache.attention_mask(
-                cache.lengths, block_mask, cache.max_length)
+        if block_mask is None:
+            block_mask = causal_mask(b, t, self.uncached_attention if uncached else None)
+        mask = block_mask if uncached else kv_cache.attention_mask(
+            cache.lengths, block_mask, cache.max_length)
         x = nn.with_logical_constraint(self.embed(tokens).astype(jnp.float32),
                                        ("batch", "length", "act_embed"))
         new_k, new_v, residuals = [], [], {}
