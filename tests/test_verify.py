@@ -90,6 +90,27 @@ def test_stochastic_with_one_hot_drafts_rejects_to_the_rest():
     assert 2 not in set(np.asarray(acc.bonus[:, 0])[accepted == 0].tolist())
 
 
+def test_stochastic_one_hot_drafts_with_duplicate_siblings():
+    """Two siblings carry the same token: only the first may be accepted, else the walk would
+    choose between two draws of one distribution (the one reaching deeper), a biased choice.
+    Root -> token 2 surely; then p = {5: .5, 6: .25, 7: .25}; node 3 (under the first 2)
+    drafts 5, node 4 (under the second) 6. Lossless: the second token is 6 with probability .25
+    (the biased walk gives .3125) and two drafts are accepted exactly when it is 5."""
+    tree = Tree.from_branching((2, 1))
+    p = np.full((5, V), 1.0 / V, np.float32)
+    p[0] = np.eye(V)[2]
+    p[1:3] = [0, 0, 0, 0, 0, 0.5, 0.25, 0.25]
+    target_logits = jnp.log(jnp.asarray(p))[None]
+    keys = jax.random.split(jax.random.PRNGKey(2), 8000)
+    acc = jax.jit(jax.vmap(lambda k: verify.stochastic(
+        tree, jnp.array([[2, 2, 5, 6]]), target_logits, None, Sampling(temperature=1.0), k)))(keys)
+    accepted, bonus = np.asarray(acc.num_accepted[:, 0]), np.asarray(acc.bonus[:, 0])
+    second = np.where(accepted == 2, 5, bonus)
+    assert accepted.min() == 1 and abs((accepted == 2).mean() - 0.5) < 0.02
+    assert abs((second == 6).mean() - 0.25) < 0.015
+    assert (np.asarray(acc.path[:, 0])[accepted == 2] == [0, 1, 3]).all()
+
+
 def test_sampling_filters():
     logits = jnp.log(jnp.array([[0.05, 0.1, 0.15, 0.3, 0.4, 0, 0, 0]]) + 1e-12)
     top_k = np.asarray(probabilities(logits, Sampling(1.0, top_k=2)))[0]

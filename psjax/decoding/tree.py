@@ -193,6 +193,12 @@ class Tree:
         return mask
 
     @functools.cached_property
+    def earlier_siblings(self) -> np.ndarray:
+        """[T, T] bool: node j+1 shares node i+1's parent and comes before it in rank order."""
+        parents, ranks = np.array(self.parents), np.array(self.ranks)
+        return (parents[:, None] == parents[None, :]) & (ranks[None, :] < ranks[:, None])
+
+    @functools.cached_property
     def children(self) -> np.ndarray:
         """[T+1, W] children of each node in rank order, -1 padded."""
         width = max(1, max(np.bincount(self.parents, minlength=self.num_nodes + 1)))
