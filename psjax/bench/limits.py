@@ -193,8 +193,7 @@ def device_trace(fn: Callable[[], Any], steps: int,
     can stand for many launches: XLA compiles identical fusions once (their HLO carries one
     `deduplicated_name`; on an H200 the 48 per-layer gathers of `KVCache.gather_new` showed
     as one `loop_select_fusion_47` at 0.077 ms a step), so the top names come with their
-    launches per step. Empty where the trace has no device
-    kernels (CPU)."""
+    launches per step. Empty where the trace has no device kernels (CPU)."""
     fn()
     logdir = tempfile.mkdtemp(prefix="psjax_trace_")
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
