@@ -44,7 +44,6 @@ import sys
 import time
 
 from absl import app, flags
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -52,7 +51,6 @@ from psjax.bench import limits
 from psjax.bench.timing import measure_bandwidth_tbps, run_header
 from psjax.decoding import autoregressive, speculative
 from psjax.decoding.tree import Tree
-from psjax.drafters import parallelspec
 from psjax.drafters.prompt_lookup import PromptLookup
 from psjax.drafters.with_lookup import WithPromptLookup
 from psjax.models.llama import Transformer
@@ -156,10 +154,8 @@ def measure_shape(name: str, bandwidth: float | None, taus: dict) -> dict:
     w_bytes = limits.param_bytes(target.params)
     kv = limits.kv_bytes(config, FLAGS.batch, FLAGS.context)
     prefill = limits.prefill_seconds(target.module, target.params, prompts, FLAGS.repeats)
-    drafter = parallelspec.build(parallelspec.ParallelSpecConfig(
-        config, num_masks=FLAGS.k, feature_layers=tuple(map(int, FLAGS.feature_layers))),
-        target.module, dtype=jnp.bfloat16)
-    dparams = parallelspec.init_params(drafter, jax.random.PRNGKey(1))
+    drafter, dparams = limits.random_drafter(target.module, FLAGS.k,
+                                             map(int, FLAGS.feature_layers))
     methods = {"parallelspec": (drafter, Tree.chain(FLAGS.chain or FLAGS.k + 1)),
                "parallelspec_tree": (drafter, Tree.parse(FLAGS.tree))}
     if FLAGS.lookup_tree:

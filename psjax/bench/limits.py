@@ -28,6 +28,7 @@ import numpy as np
 from psjax.bench.timing import timed
 from psjax.decoding import autoregressive, common, speculative
 from psjax.decoding.tree import Tree
+from psjax.drafters import parallelspec
 from psjax.models.config import ModelConfig
 from psjax.models.kv_cache import KVCache
 from psjax.models.llama import Transformer
@@ -65,6 +66,16 @@ def shape_config(name: str) -> ModelConfig:
     if name not in SHAPES:
         raise ValueError(f"unknown shape {name!r}; known: {sorted(SHAPES)}")
     return ModelConfig.from_hf_dict(SHAPES[name])
+
+
+def random_drafter(target_module: Transformer, num_masks: int,
+                   feature_layers: Sequence[int] = ()) -> tuple[parallelspec.ParallelSpec, Any]:
+    """A bfloat16 ParallelSpec drafter with random weights for `target_module` (a random target
+    of a real shape): its step costs what a trained drafter's does."""
+    drafter = parallelspec.build(parallelspec.ParallelSpecConfig(
+        target_module.config, num_masks=num_masks, feature_layers=tuple(feature_layers)),
+        target_module, dtype=jnp.bfloat16)
+    return drafter, parallelspec.init_params(drafter, jax.random.PRNGKey(1))
 
 
 def param_bytes(params) -> int:

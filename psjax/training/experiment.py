@@ -81,8 +81,9 @@ def make_evaluator(config, target: Target, drafter: parallelspec.ParallelSpec):
                                (config.eval_prompts, config.data.random_prompt_length)).tolist()
     width = common.pad_prompts(prompts)[0].shape[1]  # one compilation for every prompt
     kw = dict(max_new_tokens=config.eval_max_new_tokens, eos_ids=target.eos_ids,
-              prompt_width=width, cache_length=width + config.eval_max_new_tokens +
-              drafter.cache_lookahead(drafter.config.draft_length))
+              prompt_width=width, cache_length=common.default_cache_length(
+                  width, config.eval_max_new_tokens,
+                  drafter.cache_lookahead(drafter.config.draft_length)))
     reference = [autoregressive.generate(target.module, target.params, [p], **kw).sequences()[0]
                  for p in prompts]
 

@@ -15,7 +15,6 @@ from psjax.bench import limits
 from psjax.bench.timing import timed
 from psjax.decoding import autoregressive, common, speculative
 from psjax.decoding.tree import Tree
-from psjax.drafters import parallelspec
 from psjax.drafters.with_lookup import WithPromptLookup
 from psjax.models.kv_cache import KVCache
 from psjax.models.target import random_target
@@ -25,9 +24,7 @@ NEW = 1024
 target = random_target(limits.shape_config("qwen2.5-0.5b"), dtype="bfloat16", fused=True)
 module = target.module.clone(uncached_attention=attention)
 params = target.params
-drafter = parallelspec.build(parallelspec.ParallelSpecConfig(
-    module.config, num_masks=3, feature_layers=(2, 12, 24)), module, dtype=jnp.bfloat16)
-dparams = parallelspec.init_params(drafter, jax.random.PRNGKey(1))
+drafter, dparams = limits.random_drafter(module, 3, (2, 12, 24))
 lookup = WithPromptLookup(drafter)
 tree = Tree.parse("results/tree_design_lookup_qwen05b_cpu/tree_lookup_decoded.json:8")
 rng = np.random.default_rng(0)

@@ -16,16 +16,12 @@ from psjax.bench import limits
 from psjax.decoding import autoregressive, common, speculative
 from psjax.decoding.sampling import GREEDY, Sampling
 from psjax.decoding.tree import Tree
-from psjax.drafters import parallelspec
 from psjax.drafters.with_lookup import WithPromptLookup
-from psjax.models import llama
 from psjax.models.target import random_target
 
 target = random_target(limits.shape_config("qwen2.5-0.5b"), dtype="bfloat16", fused=True)
 module, params = target.module, target.params
-drafter = parallelspec.build(parallelspec.ParallelSpecConfig(
-    module.config, num_masks=3, feature_layers=(2, 12, 24)), module, dtype=jnp.bfloat16)
-dparams = parallelspec.init_params(drafter, jax.random.PRNGKey(1))
+drafter, dparams = limits.random_drafter(module, 3, (2, 12, 24))
 lookup = WithPromptLookup(drafter)
 T = "results/tree_design_lookup_qwen05b_cpu/tree_lookup_decoded.json"
 rng = np.random.default_rng(0)
@@ -48,9 +44,9 @@ def med(fn, n=5):
     return statistics.median(ts)
 
 
-def case(name, b, sampling, tree=None):
-    """One program per case, compiled once: wall ms per step = the call's median / its steps
-    (the prompt pass spread over them), then a device trace of the same program."""
+def compile_case(b, sampling, tree=None):
+    """A case's program, compiled once, and a call of it: autoregressive decoding (tree None)
+    or the lookup in front of the drafter with `tree` ("FILE.json:N"), b rows."""
     tokens, lengths = common.pad_prompts(prompts(b), 0, WIDTH)
     tokens, lengths, key = jnp.asarray(tokens), jnp.asarray(lengths), jax.random.PRNGKey(0)
     dtype = jnp.dtype(jnp.bfloat16)
@@ -68,6 +64,13 @@ def case(name, b, sampling, tree=None):
         compiled = speculative._generate.lower(module, params, lookup, dparams, tokens, lengths,
                                                key, **kw).compile()
         run = lambda: jax.block_until_ready(compiled(params, dparams, tokens, lengths, key))
+    return compiled, run
+
+
+def case(name, b, sampling, tree=None):
+    """Wall ms per step = the call's median / its steps (the prompt pass spread over them),
+    then a device trace of the same program."""
+    compiled, run = compile_case(b, sampling, tree)
     steps = int(run()[2])
     row = {"case": name, "batch": b, "temperature": sampling.temperature, "tree": tree,
            "steps": steps, "wall_ms_per_step": round(1e3 * med(run) / steps, 4)}
@@ -82,13 +85,16 @@ def case(name, b, sampling, tree=None):
 
 
 T1 = Sampling(temperature=1.0)
-cases = os.environ.get("CASES", "ar1,ar8,lk8_1,lk16_1,lk8_8,lk16_8,ar1t,lk8_1t,lk16_1t,lk8_8t").split(",")
-spec = {"ar1": (1, GREEDY, None), "ar8": (8, GREEDY, None), "ar1t": (1, T1, None),
+SPEC = {"ar1": (1, GREEDY, None), "ar8": (8, GREEDY, None), "ar1t": (1, T1, None),
         "ar8t": (8, T1, None)}
 for n in (8, 16):
     for b in (1, 8):
-        spec[f"lk{n}_{b}"] = (b, GREEDY, f"{T}:{n}")
-        spec[f"lk{n}_{b}t"] = (b, T1, f"{T}:{n}")
-rows = [case(c, *spec[c]) for c in cases]
-if len(sys.argv) > 1:
-    json.dump(rows, open(sys.argv[1], "w"), indent=1)
+        SPEC[f"lk{n}_{b}"] = (b, GREEDY, f"{T}:{n}")
+        SPEC[f"lk{n}_{b}t"] = (b, T1, f"{T}:{n}")
+
+if __name__ == "__main__":
+    cases = os.environ.get(
+        "CASES", "ar1,ar8,lk8_1,lk16_1,lk8_8,lk16_8,ar1t,lk8_1t,lk16_1t,lk8_8t").split(",")
+    rows = [case(c, *SPEC[c]) for c in cases]
+    if len(sys.argv) > 1:
+        json.dump(rows, open(sys.argv[1], "w"), indent=1)

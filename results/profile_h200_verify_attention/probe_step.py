@@ -16,7 +16,6 @@ from psjax.bench import limits
 from psjax.decoding import autoregressive, common, speculative
 from psjax.decoding.sampling import GREEDY
 from psjax.decoding.tree import Tree
-from psjax.drafters import parallelspec
 from psjax.drafters.with_lookup import WithPromptLookup
 from psjax.models import llama
 from psjax.models.target import random_target
@@ -27,9 +26,7 @@ OUT = os.environ.get("OUT", "/tmp")
 which = sys.argv[1:] or ["step", "call"]
 target = random_target(limits.shape_config("qwen2.5-0.5b"), dtype="bfloat16", fused=True)
 module, params = target.module, target.params
-drafter = parallelspec.build(parallelspec.ParallelSpecConfig(
-    module.config, num_masks=3, feature_layers=(2, 12, 24)), module, dtype=jnp.bfloat16)
-dparams = parallelspec.init_params(drafter, jax.random.PRNGKey(1))
+drafter, dparams = limits.random_drafter(module, 3, (2, 12, 24))
 lookup = WithPromptLookup(drafter)
 tree = Tree.parse("results/tree_design_lookup_qwen05b_cpu/tree_lookup_decoded.json:8")
 rng = np.random.default_rng(0)
