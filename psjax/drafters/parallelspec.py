@@ -200,7 +200,7 @@ class ParallelSpec(Drafter):
                  starts, prefill=False):
         hidden, kv = self.module.apply(
             {"params": params}, target_embedding(context_params), tokens, features, positions,
-            mask, None if cache is None else (cache.k[0], cache.v[0]), starts, prefill)
+            mask, None if cache is None else (cache.k, cache.v), starts, prefill)
         return hidden, kv
 
     def _commit_width(self, depth: int | None) -> int:
@@ -220,7 +220,7 @@ class ParallelSpec(Drafter):
         causal = causal_mask(b, p, self.module.uncached_attention)  # as the target's
         _, (k, v) = self._forward(params, context.target_params, prompt.tokens, shifted,
                                   positions, causal, cache, cache.lengths, prefill=True)
-        cache = cache.replace(k=(k,), v=(v,), lengths=prompt.lengths)
+        cache = cache.replace(k=k, v=v, lengths=prompt.lengths)
         width = self._commit_width(depth)
         last = jnp.take_along_axis(prompt.features, (prompt.lengths - 1)[:, None, None], axis=1)
         pending = jnp.zeros((b, width, d), prompt.features.dtype).at[:, :1].set(last)
@@ -265,7 +265,7 @@ class ParallelSpec(Drafter):
         logits = target_logits(self.target_module, context.target_params,
                                jnp.concatenate([root, hidden[:, r:]], axis=1))
         # Commit the real tokens; the masks' entries are rolled back (never committed).
-        cache = cache.replace(k=(kk,), v=(vv,), lengths=context.seq_len)
+        cache = cache.replace(k=kk, v=vv, lengths=context.seq_len)
         return logits, state.replace(cache=cache)
 
     def propose(self, params, state: DraftState, context: Context, depth, width,

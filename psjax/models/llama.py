@@ -335,13 +335,16 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype
     fused: bool = False
     uncached_attention: str = "einsum"  # see Transformer
+    layer_index: int = 0  # this layer's entries in the cache's [L, ...] arrays
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_kv=None, starts=None, prefill=False):
         """x [B, T, D]; mask [B, T, S] (S = T without a cache or with `prefill`), or None:
-        causal among the T tokens (`attend`). `prefill`: the cache is empty, so the T tokens
-        attend among themselves as a pass without a cache does, and are written to it.
-        Returns (out, (k, v))."""
+        causal among the T tokens (`attend`). cache_kv: the cache's keys and values, every
+        layer's ([L, B, S, K, H] each, KVCache); this layer's new entries are written at
+        `starts`. `prefill`: the cache is empty, so the T tokens attend among themselves as a
+        pass without a cache does, and are written to it. Returns (out, (keys, values)): the
+        whole cache arrays, written."""
         c = self.config
         b, t, _ = x.shape
         n, k_heads, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -356,10 +359,10 @@ class Attention(nn.Module):
 
         keys, values, new_kv = k, v, None
         if cache_kv is not None:
-            new_kv = (kv_cache.write(cache_kv[0], k, starts),  # [B, S, K, H]
-                      kv_cache.write(cache_kv[1], v, starts))
+            new_kv = tuple(kv_cache.write(c, self.layer_index, new, starts)
+                           for c, new in zip(cache_kv, (k, v)))
             if not prefill:
-                keys, values = new_kv
+                keys, values = (c[self.layer_index] for c in new_kv)  # [B, S, K, H]
         uncached = cache_kv is None or prefill
 
         q = q.reshape(b, t, k_heads, n // k_heads, h)  # [B, T, K, G, H]
@@ -397,6 +400,7 @@ class DecoderLayer(nn.Module):
     fused: bool = False
     uncached_attention: str = "einsum"  # see Transformer
     mlp_hidden_dtype: jnp.dtype = jnp.float32  # see Transformer
+    layer_index: int = 0  # see Attention
 
     @nn.compact
     def __call__(self, x, positions, mask, cache_kv=None, starts=None, prefill=False):
@@ -410,7 +414,8 @@ class DecoderLayer(nn.Module):
         c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = x.astype(jnp.float32)
         attn_out, new_kv = Attention(c, name="self_attn", fused=self.fused,
-                                     uncached_attention=self.uncached_attention, **kw)(
+                                     uncached_attention=self.uncached_attention,
+                                     layer_index=self.layer_index, **kw)(
             RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x), positions, mask,
             cache_kv, starts, prefill)
         x = x + attn_out
@@ -474,7 +479,7 @@ class Transformer(nn.Module):
             embedding_init=nn.with_logical_partitioning(_init, ("vocab", "embed")))
         self.layers = [DecoderLayer(c, name=f"layers_{i}", fused=self.fused,
                                     uncached_attention=self.uncached_attention,
-                                    mlp_hidden_dtype=self.mlp_hidden_dtype, **kw)
+                                    mlp_hidden_dtype=self.mlp_hidden_dtype, layer_index=i, **kw)
                        for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, name="norm", **kw)
         if not c.tie_word_embeddings:
@@ -515,19 +520,16 @@ class Transformer(nn.Module):
             cache.lengths, block_mask, cache.max_length)
         x = nn.with_logical_constraint(self.embed(tokens).astype(jnp.float32),
                                        ("batch", "length", "act_embed"))
-        new_k, new_v, residuals = [], [], {}
+        kv, residuals = None if cache is None else (cache.k, cache.v), {}
         for i, layer in enumerate(self.layers):
-            layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, kv = layer(x, positions, mask, layer_kv, None if cache is None else cache.lengths,
+            # Each layer writes its entries into the arrays it passes on: one buffer, in place.
+            x, kv = layer(x, positions, mask, kv, None if cache is None else cache.lengths,
                           prefill)
             if i + 1 in self.feature_layers:
                 residuals[i + 1] = x  # read by _features
-            if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
         hidden = self.norm(x)
         features = self._features(residuals, hidden)
-        new_cache = None if cache is None else cache.replace(k=tuple(new_k), v=tuple(new_v))
+        new_cache = None if cache is None else cache.replace(k=kv[0], v=kv[1])
         if not compute_logits:
             return Output(None, hidden, new_cache, features)
         head_in = hidden if logits_at is None else jnp.take_along_axis(
