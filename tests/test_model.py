@@ -16,6 +16,7 @@ from psjax import sharding
 from psjax.convert import hf
 from psjax.models.config import ModelConfig, UnsupportedConfigError
 from psjax.models import llama
+from psjax.models import kv_cache
 from psjax.models.kv_cache import KVCache
 from psjax.models.llama import Transformer
 
@@ -154,6 +155,30 @@ def test_prefill_attends_among_the_prompt_only(attention):
     step = [module.apply({"params": params}, tokens[:, :1], jnp.full((2, 1), 16),
                          out.cache.commit(jnp.full((2,), 16))).logits for out in outs]
     np.testing.assert_allclose(step[1], step[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_writes_and_moves_rows_apart():
+    """kv_cache.write puts a layer's new entries after each row's own length and nowhere else;
+    gather_new moves a path of uncommitted entries into place in every layer at once, each row
+    by its own offsets."""
+    config = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+                         max_position_embeddings=16)
+    cache = KVCache.create(config, 2, 12, jnp.float32).replace(lengths=jnp.array([2, 5]))
+    new = jnp.arange(1, 1 + 2 * 4 * 4, dtype=jnp.float32).reshape(2, 4, 1, 4)  # [B, T, K, H]
+    k = cache.k
+    for layer in range(3):
+        k = kv_cache.write(k, layer, new * (layer + 1), cache.lengths)
+    for layer in range(3):
+        np.testing.assert_array_equal(k[layer, 0, 2:6], new[0] * (layer + 1))
+        np.testing.assert_array_equal(k[layer, 1, 5:9], new[1] * (layer + 1))
+    assert float(jnp.abs(k).sum()) == 6 * float(new.sum())  # nothing else written
+    moved = cache.replace(k=k, v=k).gather_new(jnp.array([[0, 2, 3], [0, 1, 3]]))
+    for layer in range(3):
+        for row, start, picks in ((0, 2, [0, 2, 3]), (1, 5, [0, 1, 3])):
+            np.testing.assert_array_equal(moved.k[layer, row, start:start + 3],
+                                          new[row, jnp.array(picks)] * (layer + 1))
+    np.testing.assert_array_equal(moved.v, moved.k)
 
 
 def test_mlp_hidden_dtype_rounds_only_the_mlp_hidden_array():
