@@ -3,7 +3,6 @@ and every drafter leaves the greedy output unchanged."""
 
 import jax
 import numpy as np
-import pytest
 import torch
 import transformers
 
