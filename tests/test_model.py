@@ -16,7 +16,7 @@ from psjax import sharding
 from psjax.convert import hf
 from psjax.models.config import ModelConfig, UnsupportedConfigError
 from psjax.models import llama
-from psjax.models import kv_cache
+from psjax.models import attention_kernel, kv_cache
 from psjax.models.kv_cache import KVCache
 from psjax.models.llama import Transformer
 
@@ -83,6 +83,14 @@ def test_attention_paths_agree(monkeypatch):
         chunked = llama.attend(q, keys, values, m, jnp.float32, implementation="chunked")
         want = llama.attend(q, keys, values, m, jnp.float32, implementation="einsum")
         np.testing.assert_allclose(chunked, want, rtol=1e-5, atol=1e-5)
+        # The same chunks as one Pallas kernel (interpreted here), chunks of 16 slots.
+        kernel = attention_kernel.attend(q, keys[:, :32], values[:, :32], m[..., :32],
+                                         jnp.float32, 16)
+        np.testing.assert_allclose(kernel, llama.attend(
+            q, keys[:, :32], values[:, :32], m[..., :32], jnp.float32, implementation="einsum"),
+            rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="chunks of 16"):
+        attention_kernel.attend(q, keys, values, mask, jnp.float32, 16)  # 40 slots
     jaxpr = lambda s: str(jax.make_jaxpr(lambda q: llama.attend(
         q, keys[:, :s], values[:, :s], mask[..., :s], jnp.float32, implementation="chunked"))(q))
     assert "8,2,16" in jaxpr(40) and "8,2,16" not in jaxpr(39)  # keys as [B, 5, 8, K, H]

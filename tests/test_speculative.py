@@ -20,6 +20,7 @@ from psjax.drafters.base import Context
 from psjax.drafters.draft_model import DraftModel
 from psjax.drafters.prompt_lookup import PromptLookup
 from psjax.drafters.with_lookup import WithPromptLookup, merge_candidates
+from psjax.models import attention_kernel, llama
 from psjax.models.llama import Transformer
 
 TREES = {"chain1": Tree.chain(1), "chain4": Tree.chain(4),
@@ -69,6 +70,28 @@ def test_tiny_greedy_lossless(tiny, drafter, tree):
                                    max_new_tokens=40, eos_ids=(7,))
         assert out.sequences() == ref.sequences()
         assert out.accepted.sum() == ref.num_generated.sum() - len(batch)  # first token: prefill
+
+
+@pytest.mark.parametrize("tree", ["chain4", "tree_3_2_1"])
+def test_tiny_greedy_lossless_through_the_attention_kernel(tiny, tree, monkeypatch):
+    """Verify passes through the Pallas kernel (llama.MATMUL_ATTENTION "pallas"; interpreted on
+    the CPU) leave greedy output unchanged, batch 1 and 4."""
+    module, params, *_ = tiny
+    drafter, drafter_params = _drafters(tiny)["lookup_then_draft"]
+    monkeypatch.setattr(llama, "MATMUL_ATTENTION", "pallas")
+    traced = []
+    kernel = attention_kernel.attend
+    monkeypatch.setattr(attention_kernel, "attend", lambda *a, **k: traced.append(1) or
+                        kernel(*a, **k))
+    rs = np.random.RandomState(3)
+    prompts = [rs.randint(0, 64, n).tolist() for n in (6, 19, 11, 27)]
+    for batch in (prompts[:1], prompts):
+        ref = autoregressive.generate(module, params, batch, max_new_tokens=33, eos_ids=(7,))
+        out = speculative.generate(module, params, batch, drafter=drafter,
+                                   drafter_params=drafter_params, tree=TREES[tree],
+                                   max_new_tokens=33, eos_ids=(7,))
+        assert out.sequences() == ref.sequences()
+    assert traced  # the verify passes went through the kernel
 
 
 def test_prompt_lookup_continuations_by_recency():

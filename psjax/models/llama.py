@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from psjax.models import kv_cache
+from psjax.models import attention_kernel, kv_cache
 from psjax.models.config import ModelConfig
 
 _init = nn.initializers.normal(stddev=0.02)
@@ -193,15 +193,16 @@ MULTIPLY_SUM_PAIRS = 14_336
 # multiply-and-sum's lead at ~3,100 slots (Summarization: 759-763 vs 588 tok/s as matmuls).
 MULTIPLY_SUM_QUERIES = 1
 # How the matmul form runs: "chunked" (`chunked_attention`: two einsums around a softmax taken
-# within SLOT_CHUNK-slot chunks, then across them), "einsum" (the same over all slots at once)
-# or a jax.nn.dot_product_attention implementation, "xla" or "cudnn" (one fused kernel; GPU,
-# bfloat16). On an H200 (Qwen2.5-0.5B shape, batch 1, a chain of 8 over ~1,660 slots, cuDNN
+# within SLOT_CHUNK-slot chunks, then across them), "pallas" (the same chunks as one Pallas
+# kernel, psjax.models.attention_kernel; Triton on a GPU, interpreted elsewhere; not yet timed on
+# a GPU), "einsum" (the same over all slots at once) or a jax.nn.dot_product_attention
+# implementation, "xla" or "cudnn" (one fused kernel; GPU, bfloat16). On an H200 (Qwen2.5-0.5B shape, batch 1, a chain of 8 over ~1,660 slots, cuDNN
 # unpadded: results/profile_h200_verify_attention/) a verify step took 1.256 ms chunked,
 # 1.596 einsum, 1.513 cuDNN; at batch 8, cuDNN was 3% faster than einsum at 17 queries and 17%
 # slower at 3 (H100, results/attention_h100/attention_cudnn_b8_b32.json).
 MATMUL_ATTENTION = "chunked"
 DOT_PRODUCT_ATTENTION = ("xla", "cudnn")  # jax.nn.dot_product_attention implementations
-MATMUL_ATTENTION_FORMS = ("chunked", "einsum") + DOT_PRODUCT_ATTENTION
+MATMUL_ATTENTION_FORMS = ("chunked", "pallas", "einsum") + DOT_PRODUCT_ATTENTION
 
 
 def fastest_uncached_attention(dtype) -> str:
@@ -282,7 +283,8 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     allows; returns [B, T, K, G, H] in `dtype`. Scores and sums accumulate in float32.
 
     `implementation`: "einsum", "chunked" (`chunked_attention`, where SLOT_CHUNK divides S;
-    else "einsum"), or jax.nn.dot_product_attention's "xla" or "cudnn" (cuDNN's flash
+    else "einsum"), "pallas" (attention_kernel.attend: the chunked form as one kernel; same
+    condition), or jax.nn.dot_product_attention's "xla" or "cudnn" (cuDNN's flash
     attention: the [T, S] scores never reach memory) for every call but the few-query ones
     below. Attention passes Transformer.uncached_attention for a pass without a cache,
     MATMUL_ATTENTION for one with. mask None: causal attention of T tokens among themselves
@@ -300,8 +302,11 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     h = q.shape[-1]
     b, t, s = q.shape[0], q.shape[1], keys.shape[1]
     few = mask is not None and t <= MULTIPLY_SUM_QUERIES and b * t * s <= MULTIPLY_SUM_PAIRS
-    if not few and implementation == "chunked" and mask is not None and s % SLOT_CHUNK == 0:
+    chunks = mask is not None and s % SLOT_CHUNK == 0
+    if not few and implementation == "chunked" and chunks:
         return chunked_attention(q, keys, values, mask, dtype, SLOT_CHUNK)
+    if not few and implementation == "pallas" and chunks:
+        return attention_kernel.attend(q, keys, values, mask, dtype, SLOT_CHUNK)
     if not few and implementation in DOT_PRODUCT_ATTENTION:
         # query head k * G + g reads kv head k, as here
         q_heads, mask_heads = q.reshape(b, t, -1, h).astype(keys.dtype), None
