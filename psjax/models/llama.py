@@ -194,9 +194,10 @@ MULTIPLY_SUM_PAIRS = 14_336
 MULTIPLY_SUM_QUERIES = 1
 # How the matmul form runs: "chunked" (`chunked_attention`: two einsums around a softmax taken
 # within SLOT_CHUNK-slot chunks, then across them), "pallas" (the same chunks as one Pallas
-# kernel, psjax.models.attention_kernel; Triton on a GPU, interpreted elsewhere; not yet timed on
-# a GPU), "einsum" (the same over all slots at once) or a jax.nn.dot_product_attention
-# implementation, "xla" or "cudnn" (one fused kernel; GPU, bfloat16). On an H200 (Qwen2.5-0.5B shape, batch 1, a chain of 8 over ~1,660 slots, cuDNN
+# kernel, psjax.models.attention_kernel; Triton on a GPU, interpreted elsewhere; not yet timed
+# on a GPU), "einsum" (the same over all slots at once) or a jax.nn.dot_product_attention
+# implementation, "xla" or "cudnn" (one fused kernel; GPU, bfloat16). On an H200 (Qwen2.5-0.5B
+# shape, batch 1, a chain of 8 over ~1,660 slots, cuDNN
 # unpadded: results/profile_h200_verify_attention/) a verify step took 1.256 ms chunked,
 # 1.596 einsum, 1.513 cuDNN; at batch 8, cuDNN was 3% faster than einsum at 17 queries and 17%
 # slower at 3 (H100, results/attention_h100/attention_cudnn_b8_b32.json).
