@@ -15,8 +15,7 @@ import tiny_models
 from psjax import sharding
 from psjax.convert import hf
 from psjax.models.config import ModelConfig, UnsupportedConfigError
-from psjax.models import llama
-from psjax.models import attention_kernel, kv_cache
+from psjax.models import attention_kernel, kv_cache, llama
 from psjax.models.kv_cache import KVCache
 from psjax.models.llama import Transformer
 
