@@ -90,9 +90,12 @@ def test_attention_paths_agree(monkeypatch):
             rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="chunks of 16"):
         attention_kernel.attend(q, keys, values, mask, jnp.float32, 16)  # 40 slots
-    jaxpr = lambda s: str(jax.make_jaxpr(lambda q: llama.attend(
-        q, keys[:, :s], values[:, :s], mask[..., :s], jnp.float32, implementation="chunked"))(q))
+    jaxpr = lambda s, form="chunked": str(jax.make_jaxpr(lambda q: llama.attend(
+        q, keys[:, :s], values[:, :s], mask[..., :s], jnp.float32, implementation=form))(q))
     assert "8,2,16" in jaxpr(40) and "8,2,16" not in jaxpr(39)  # keys as [B, 5, 8, K, H]
+    # The default picks the Pallas kernel on a GPU only; here the chunked form.
+    assert llama.MATMUL_ATTENTION == "fastest" and llama.fastest_matmul_attention() == "chunked"
+    assert jaxpr(40, "fastest") == jaxpr(40)
 
 
 def test_einsum_float32_gradient_is_autodiffs_in_float32():

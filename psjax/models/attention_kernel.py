@@ -10,8 +10,9 @@ scores and sums in float32, probabilities rounded to the values' dtype for their
 
 On a GPU the kernel compiles through Pallas' Triton backend (deprecated since JAX 0.11 in favour
 of Mosaic GPU, still run by the GPU machine's jax 0.11.2); elsewhere (a CPU: the tests) Pallas
-interprets it. Selected by `llama.MATMUL_ATTENTION = "pallas"` (bench_grid and bench_attention's
---matmul_attention); not yet timed on a GPU, so "chunked" stays the default.
+interprets it. `llama.MATMUL_ATTENTION`'s default, "fastest", picks it on a GPU. On an H200 it
+took a lookup-in-front step (8 nodes, random weights of Qwen2.5-0.5B's shape) from 1.381 to
+1.199 ms at batch 1 and from 2.090 to 1.593 ms at batch 8 (results/profile_h200_attention_kernel/).
 """
 
 from __future__ import annotations

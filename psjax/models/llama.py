@@ -194,16 +194,25 @@ MULTIPLY_SUM_PAIRS = 14_336
 MULTIPLY_SUM_QUERIES = 1
 # How the matmul form runs: "chunked" (`chunked_attention`: two einsums around a softmax taken
 # within SLOT_CHUNK-slot chunks, then across them), "pallas" (the same chunks as one Pallas
-# kernel, psjax.models.attention_kernel; Triton on a GPU, interpreted elsewhere; not yet timed
-# on a GPU), "einsum" (the same over all slots at once) or a jax.nn.dot_product_attention
-# implementation, "xla" or "cudnn" (one fused kernel; GPU, bfloat16). On an H200 (Qwen2.5-0.5B
-# shape, batch 1, a chain of 8 over ~1,660 slots, cuDNN
-# unpadded: results/profile_h200_verify_attention/) a verify step took 1.256 ms chunked,
-# 1.596 einsum, 1.513 cuDNN; at batch 8, cuDNN was 3% faster than einsum at 17 queries and 17%
-# slower at 3 (H100, results/attention_h100/attention_cudnn_b8_b32.json).
-MATMUL_ATTENTION = "chunked"
+# kernel, psjax.models.attention_kernel; Triton on a GPU, interpreted elsewhere), "einsum" (the
+# same over all slots at once) or a jax.nn.dot_product_attention implementation, "xla" or
+# "cudnn" (one fused kernel; GPU, bfloat16); "fastest": `fastest_matmul_attention`. On an H200
+# (Qwen2.5-0.5B shape, batch 1, a chain of 8 over ~1,660 slots, cuDNN unpadded:
+# results/profile_h200_verify_attention/) a verify step took 1.256 ms chunked, 1.596 einsum,
+# 1.513 cuDNN; at batch 8, cuDNN was 3% faster than einsum at 17 queries and 17% slower at 3
+# (H100, results/attention_h100/attention_cudnn_b8_b32.json). The Pallas kernel then took a
+# lookup-in-front step (8 nodes, 512-token prompts) from 1.381 to 1.199 ms at batch 1 and from
+# 2.090 to 1.593 ms at batch 8 (results/profile_h200_attention_kernel/).
+MATMUL_ATTENTION = "fastest"
 DOT_PRODUCT_ATTENTION = ("xla", "cudnn")  # jax.nn.dot_product_attention implementations
-MATMUL_ATTENTION_FORMS = ("chunked", "pallas", "einsum") + DOT_PRODUCT_ATTENTION
+MATMUL_ATTENTION_FORMS = ("fastest", "chunked", "pallas", "einsum") + DOT_PRODUCT_ATTENTION
+
+
+def fastest_matmul_attention() -> str:
+    """MATMUL_ATTENTION "fastest": the Pallas kernel on a GPU (Triton), the chunked XLA form
+    elsewhere (a TPU, where the kernel's Triton calls do not lower; a CPU, where Pallas would
+    only interpret it)."""
+    return "pallas" if jax.default_backend() == "gpu" else "chunked"
 
 
 def fastest_uncached_attention(dtype) -> str:
@@ -285,12 +294,13 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
 
     `implementation`: "einsum", "chunked" (`chunked_attention`, where SLOT_CHUNK divides S;
     else "einsum"), "pallas" (attention_kernel.attend: the chunked form as one kernel; same
-    condition), or jax.nn.dot_product_attention's "xla" or "cudnn" (cuDNN's flash
-    attention: the [T, S] scores never reach memory) for every call but the few-query ones
-    below. Attention passes Transformer.uncached_attention for a pass without a cache,
-    MATMUL_ATTENTION for one with. mask None: causal attention of T tokens among themselves
-    (needs "xla" or "cudnn"). `pad_tiles`: masked cuDNN passes are padded to whole tiles
-    (`pad_to_tiles`: a gradient's NaN); passes over a cache, never differentiated, need not be.
+    condition), "fastest" (`fastest_matmul_attention`), or jax.nn.dot_product_attention's "xla"
+    or "cudnn" (cuDNN's flash attention: the [T, S] scores never reach memory) for every call
+    but the few-query ones below. Attention passes Transformer.uncached_attention for a pass
+    without a cache, MATMUL_ATTENTION for one with. mask None: causal attention of T tokens
+    among themselves (needs "xla" or "cudnn"). `pad_tiles`: masked cuDNN passes are padded to
+    whole tiles (`pad_to_tiles`: a gradient's NaN); passes over a cache, never differentiated,
+    need not be.
 
     For a few queries against a long cache the products are written as multiply-and-sum, which
     XLA fuses into one reduction per product whatever the cache size. Written as matmuls, they
@@ -302,6 +312,8 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     or through `implementation`."""
     h = q.shape[-1]
     b, t, s = q.shape[0], q.shape[1], keys.shape[1]
+    if implementation == "fastest":
+        implementation = fastest_matmul_attention()
     few = mask is not None and t <= MULTIPLY_SUM_QUERIES and b * t * s <= MULTIPLY_SUM_PAIRS
     chunks = mask is not None and s % SLOT_CHUNK == 0
     if not few and implementation == "chunked" and chunks:
