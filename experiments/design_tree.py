@@ -1,7 +1,9 @@
 """A draft tree fitted to a ParallelSpec drafter (Medusa's sparse-tree construction), and the tau
 every tree would get, measured without decoding speculatively.
 
-For each Spec-Bench question the target answers greedily (psjax autoregressive decoding); then
+For each Spec-Bench question the target answers greedily (psjax autoregressive decoding; or
+sampled at --temperature, for trees that verify sampling: the engine's one draw per node accepts
+exactly the drafts the sampled text follows, so a tree's tau on sampled text is sampling's); then
 one group-wise pass of the drafter over the text (`ParallelSpec.training_logits`, equal to
 drafting after each position: tested) gives, at every answer position and depth, the rank of
 the target's next token among the drafter's top --width candidates. A tree's tau on those
@@ -35,7 +37,7 @@ import numpy as np
 import psjax
 from psjax.data import spec_bench
 from psjax.decoding import autoregressive
-from psjax.decoding.sampling import top_k
+from psjax.decoding.sampling import Sampling, top_k
 from psjax.decoding.tree import Tree, decode_walk, position_mean
 from psjax.drafters import with_lookup
 from psjax.drafters.base import Context
@@ -54,7 +56,9 @@ flags.DEFINE_string("questions", os.path.join(_REPO, "..", "shared", "data", "sp
 flags.DEFINE_integer("per_category", 3, "questions per category measured on (and as many more "
                      "designed on)")
 flags.DEFINE_integer("max_prompt_tokens", 1024, "skip first turns longer than this")
-flags.DEFINE_integer("max_new_tokens", 128, "greedy answer length")
+flags.DEFINE_integer("max_new_tokens", 128, "answer length")
+flags.DEFINE_float("temperature", 0.0, "the answers' sampling temperature (0: greedy)")
+flags.DEFINE_integer("seed", 0, "the answers' sampling seed")
 flags.DEFINE_integer("batch_size", 4, "answers generated together")
 flags.DEFINE_integer("width", 8, "candidates ranked per depth")
 flags.DEFINE_list("num_nodes", ["8", "16", "32", "44", "64"], "designed tree sizes")
@@ -66,16 +70,18 @@ flags.DEFINE_integer("lookup_depth", 0, "> 0: the trees of the drafter with prom
 flags.DEFINE_string("out", "", "JSON file: the designed trees' paths and every tau")
 
 
-def answers(target, questions) -> list[tuple[list[int], int, str]]:
-    """(prompt + greedy answer token ids, prompt length, category) per question that fits."""
+def answers(target, questions, rng) -> list[tuple[list[int], int, str]]:
+    """(prompt + answer token ids, prompt length, category) per question that fits."""
     prompts = [(target.chat_prompt(q["turns"][:1]), q["category"]) for q in questions]
     prompts = [(p, c) for p, c in prompts if len(p) <= FLAGS.max_prompt_tokens]
     out = []
     for i in range(0, len(prompts), FLAGS.batch_size):
         batch = prompts[i:i + FLAGS.batch_size]
+        rng, key = jax.random.split(rng)
         gen = autoregressive.generate(target.module, target.params, [p for p, _ in batch],
                                       max_new_tokens=FLAGS.max_new_tokens,
-                                      eos_ids=target.eos_ids)
+                                      sampling=Sampling(FLAGS.temperature),
+                                      eos_ids=target.eos_ids, rng=key)
         out += [(p + s, len(p), c) for (p, c), s in zip(batch, gen.sequences())]
     return out
 
@@ -156,9 +162,10 @@ def main(argv):
         seen[q["category"]] = seen.get(q["category"], 0) + 1
         (measure if seen[q["category"]] <= FLAGS.per_category else design).append(q)
     ranks, categories, text_index = {}, {}, {}
-    for name, qs in (("measure", measure), ("design", design)):
+    rngs = jax.random.split(jax.random.PRNGKey(FLAGS.seed))
+    for (name, qs), rng in zip((("measure", measure), ("design", design)), rngs):
         ranks[name], categories[name], text_index[name] = draft_ranks(
-            target, drafter, dparams, answers(target, qs))
+            target, drafter, dparams, answers(target, qs, rng))
 
     def taus(accepted, split, category=None):
         """(mean over drafting positions, `position_mean`; decoding's tau, tokens / steps over
@@ -176,14 +183,14 @@ def main(argv):
     designed = {int(n): Tree.design(ranks["design"], int(n)) for n in FLAGS.num_nodes}
     trees.update({f"designed {n}": t for n, t in designed.items()})
     results = {"target": FLAGS.target, "drafter": FLAGS.drafter, "dtype": FLAGS.dtype,
-               "lookup_depth": FLAGS.lookup_depth,
+               "lookup_depth": FLAGS.lookup_depth, "temperature": FLAGS.temperature,
                "command": " ".join(sys.argv), "positions": {k: len(v) for k, v in ranks.items()},
                "tau": {}, "tau_per_category": {}, "tau_decoded_per_category": {},
                "designed": {n: [list(p) for p in t.paths]
                                                        for n, t in designed.items()}}
     print(f"drafting positions: {results['positions']}")
-    # "measure"/"design": the mean over drafting positions; "*_decoded": what greedy decoding
-    # gets, stepping over what each step accepts (lower where long accepts cluster).
+    # "measure"/"design": the mean over drafting positions; "*_decoded": what decoding gets,
+    # stepping over what each step accepts (lower where long accepts cluster).
     print("| tree | nodes | tau decoded (measured questions) | tau decoded (design questions) "
           "| mean over positions (measured) | (design) |")
     print("| --- | --- | --- | --- | --- | --- |")
