@@ -30,6 +30,14 @@ BLOCK_K = 64
 _NEG = -1e30  # masked scores: finite, so a fully masked chunk gives exp(0) nowhere (see _kernel)
 
 
+def _dot(a: jax.Array, b: jax.Array, b_contracting: int, precision) -> jax.Array:
+    """a [M, C] times b ([C, N], or [N, C] with b_contracting 1), accumulated in float32: the
+    lax call Pallas' `dot` made (deprecated in JAX 0.11, gone from jax.experimental.pallas in
+    0.12); the same jaxpr, so the same Triton kernel."""
+    return jax.lax.dot_general(a, b, (((1,), (b_contracting,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32)
+
+
 def _kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, m_ref, l_ref, *, block: int, scale: float,
             precision):
     """One (row, KV head, chunk): q [R, H], keys and values [C, H], mask [R, C] (int8) ->
@@ -41,15 +49,14 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, m_ref, l_ref, *, block: int, s
         out, top, total = carry
         slots = pl.ds(i * block, block)
         visible = mask_ref[:, slots] != 0
-        scores = plgpu.dot(q, k_ref[slots, :], trans_b=True, precision=precision) * scale
+        scores = _dot(q, k_ref[slots, :], 1, precision) * scale
         scores = jnp.where(visible, scores, _NEG)
         new_top = jnp.maximum(top, jnp.max(scores, axis=1))
         # Masked slots weigh 0 even where a row sees nothing yet (new_top still _NEG).
         probs = jnp.where(visible, jnp.exp(scores - new_top[:, None]), 0.0)
         rescale = jnp.exp(top - new_top)
         values = v_ref[slots, :]
-        out = out * rescale[:, None] + plgpu.dot(probs.astype(values.dtype), values,
-                                              precision=precision)
+        out = out * rescale[:, None] + _dot(probs.astype(values.dtype), values, 0, precision)
         return out, new_top, total * rescale + jnp.sum(probs, axis=1)
 
     init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows,), _NEG, jnp.float32),
