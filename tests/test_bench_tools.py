@@ -160,6 +160,7 @@ def test_bench_grid_runs(tmp_path):
     subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
     result = json.loads(out.read_text())
     assert {"card", "date", "jax"} <= set(result)
+    assert result["matmul_attention"] == "chunked"  # the default, "fastest", on a CPU
     cells = result["cells"]
     assert set(cells) == {"0/1", "0/2", "1/1", "1/2"}
     assert cells["0/2"]["ar"]["speedup"] == 1.0
