@@ -73,7 +73,8 @@ def main(argv):
             llama.GEMM_PAD_MIN_WEIGHTS = weights
             jax.clear_caches()  # the module is unchanged: recompile under the new setting
             setting = f"batch {batch}, context {context}, multiply_sum_pairs {pairs}, " \
-                      f"matmul_attention {kernel}, gemm_min_rows {rows}, " \
+                      f"matmul_attention {llama.matmul_attention_form(kernel)}, " \
+                      f"gemm_min_rows {rows}, " \
                       f"gemm_pad_min_weights {weights}"
             try:  # a kernel this card or cuDNN lacks is recorded, and the others still run
                 prefill = limits.prefill_seconds(target.module, target.params, prompts)

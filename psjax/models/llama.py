@@ -196,7 +196,7 @@ MULTIPLY_SUM_QUERIES = 1
 # within SLOT_CHUNK-slot chunks, then across them), "pallas" (the same chunks as one Pallas
 # kernel, psjax.models.attention_kernel; Triton on a GPU, interpreted elsewhere), "einsum" (the
 # same over all slots at once) or a jax.nn.dot_product_attention implementation, "xla" or
-# "cudnn" (one fused kernel; GPU, bfloat16); "fastest": `fastest_matmul_attention`. On an H200
+# "cudnn" (one fused kernel; GPU, bfloat16); "fastest": see `matmul_attention_form`. On an H200
 # (Qwen2.5-0.5B shape, batch 1, a chain of 8 over ~1,660 slots, cuDNN unpadded:
 # results/profile_h200_verify_attention/) a verify step took 1.256 ms chunked, 1.596 einsum,
 # 1.513 cuDNN; at batch 8, cuDNN was 3% faster than einsum at 17 queries and 17% slower at 3
@@ -208,10 +208,12 @@ DOT_PRODUCT_ATTENTION = ("xla", "cudnn")  # jax.nn.dot_product_attention impleme
 MATMUL_ATTENTION_FORMS = ("fastest", "chunked", "pallas", "einsum") + DOT_PRODUCT_ATTENTION
 
 
-def fastest_matmul_attention() -> str:
-    """MATMUL_ATTENTION "fastest": the Pallas kernel on a GPU (Triton), the chunked XLA form
-    elsewhere (a TPU, where the kernel's Triton calls do not lower; a CPU, where Pallas would
-    only interpret it)."""
+def matmul_attention_form(form: str) -> str:
+    """The form `attend` runs for `form`: "fastest" is the Pallas kernel on a GPU (Triton), the
+    chunked XLA form elsewhere (a TPU, where the kernel's Triton calls do not lower; a CPU,
+    where Pallas would only interpret it); any other form is itself."""
+    if form != "fastest":
+        return form
     return "pallas" if jax.default_backend() == "gpu" else "chunked"
 
 
@@ -294,7 +296,7 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
 
     `implementation`: "einsum", "chunked" (`chunked_attention`, where SLOT_CHUNK divides S;
     else "einsum"), "pallas" (attention_kernel.attend: the chunked form as one kernel; same
-    condition), "fastest" (`fastest_matmul_attention`), or jax.nn.dot_product_attention's "xla"
+    condition), "fastest" (`matmul_attention_form`), or jax.nn.dot_product_attention's "xla"
     or "cudnn" (cuDNN's flash attention: the [T, S] scores never reach memory) for every call
     but the few-query ones below. Attention passes Transformer.uncached_attention for a pass
     without a cache, MATMUL_ATTENTION for one with. mask None: causal attention of T tokens
@@ -312,8 +314,7 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     or through `implementation`."""
     h = q.shape[-1]
     b, t, s = q.shape[0], q.shape[1], keys.shape[1]
-    if implementation == "fastest":
-        implementation = fastest_matmul_attention()
+    implementation = matmul_attention_form(implementation)
     few = mask is not None and t <= MULTIPLY_SUM_QUERIES and b * t * s <= MULTIPLY_SUM_PAIRS
     chunks = mask is not None and s % SLOT_CHUNK == 0
     if not few and implementation == "chunked" and chunks:
