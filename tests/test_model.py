@@ -90,6 +90,12 @@ def test_attention_paths_agree(monkeypatch):
             rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="chunks of 16"):
         attention_kernel.attend(q, keys, values, mask, jnp.float32, 16)  # 40 slots
+    # A cache's every layer [L, B, S, K, H] with the layer to read: the kernel reads it in place,
+    # the other forms take the slice.
+    stacked = [jnp.stack([jnp.zeros_like(x), x]) for x in (keys, values)]
+    for form in ("pallas", "chunked", "einsum"):
+        np.testing.assert_allclose(llama.attend(q, *stacked, mask, jnp.float32, form, layer=1),
+                                   outs[0], rtol=1e-5, atol=1e-5)
     jaxpr = lambda s, form="chunked": str(jax.make_jaxpr(lambda q: llama.attend(
         q, keys[:, :s], values[:, :s], mask[..., :s], jnp.float32, implementation=form))(q))
     assert "8,2,16" in jaxpr(40) and "8,2,16" not in jaxpr(39)  # keys as [B, 5, 8, K, H]

@@ -12,7 +12,9 @@ On a GPU the kernel compiles through Pallas' Triton backend (deprecated since JA
 of Mosaic GPU, still run by the GPU machine's jax 0.11.2); elsewhere (a CPU: the tests) Pallas
 interprets it. `llama.MATMUL_ATTENTION`'s default, "fastest", picks it on a GPU. On an H200 it
 took a lookup-in-front step (8 nodes, random weights of Qwen2.5-0.5B's shape) from 1.381 to
-1.199 ms at batch 1 and from 2.090 to 1.593 ms at batch 8 (results/profile_h200_attention_kernel/).
+1.199 ms at batch 1 and from 2.090 to 1.593 ms at batch 8 (results/profile_h200_attention_kernel/);
+reading the cache's layer in place (`layer`) then took off a copy a layer: 1.161 -> 1.098 ms and
+1.591 -> 1.484 ms (results/profile_h200_attention_inplace/).
 """
 
 from __future__ import annotations
@@ -67,14 +69,18 @@ def _kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, m_ref, l_ref, *, block: int, s
     l_ref[...] = total
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "chunk", "interpret"))
+@functools.partial(jax.jit, static_argnames=("dtype", "chunk", "layer", "interpret"))
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, dtype,
-           chunk: int, interpret: bool | None = None) -> jax.Array:
+           chunk: int, layer: int | None = None, interpret: bool | None = None) -> jax.Array:
     """`llama.attend`'s contract: q [B, T, K, G, H], keys and values [B, S, K, H], mask [B, T, S]
     -> [B, T, K, G, H] in `dtype`; S a multiple of `chunk`, a power of two. Every query must
-    see at least one slot (a verify pass's queries see the committed ones)."""
+    see at least one slot (a verify pass's queries see the committed ones). With `layer`, keys
+    and values are every layer's [L, B, S, K, H] (KVCache's arrays) and the kernel reads that
+    layer's in place: a slice passed in would be copied first, a custom call's operand."""
+    if layer is None:
+        keys, values, layer = keys[None], values[None], 0
     b, t, k, g, h = q.shape
-    s = keys.shape[1]
+    s = keys.shape[2]
     if s % chunk or chunk & (chunk - 1):
         raise ValueError(f"{s} cache slots must split into chunks of {chunk}, a power of two")
     block = min(BLOCK_K, chunk)
@@ -100,8 +106,8 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, dt
         grid=(b, k, n),
         in_specs=[
             pl.BlockSpec((None, None, padded, h), lambda i, j, c: (i, j, 0, 0)),
-            pl.BlockSpec((None, chunk, None, h), lambda i, j, c: (i, c, j, 0)),
-            pl.BlockSpec((None, chunk, None, h), lambda i, j, c: (i, c, j, 0)),
+            pl.BlockSpec((None, None, chunk, None, h), lambda i, j, c: (layer, i, c, j, 0)),
+            pl.BlockSpec((None, None, chunk, None, h), lambda i, j, c: (layer, i, c, j, 0)),
             pl.BlockSpec((None, padded, chunk), lambda i, j, c: (i, 0, c)),
         ],
         out_specs=[

@@ -202,7 +202,8 @@ MULTIPLY_SUM_QUERIES = 1
 # 1.513 cuDNN; at batch 8, cuDNN was 3% faster than einsum at 17 queries and 17% slower at 3
 # (H100, results/attention_h100/attention_cudnn_b8_b32.json). The Pallas kernel then took a
 # lookup-in-front step (8 nodes, 512-token prompts) from 1.381 to 1.199 ms at batch 1 and from
-# 2.090 to 1.593 ms at batch 8 (results/profile_h200_attention_kernel/).
+# 2.090 to 1.593 ms at batch 8 (results/profile_h200_attention_kernel/), and reading the
+# cache in place (`attend`'s `layer`) to 1.098 and 1.484 ms (results/profile_h200_attention_inplace/).
 MATMUL_ATTENTION = "fastest"
 DOT_PRODUCT_ATTENTION = ("xla", "cudnn")  # jax.nn.dot_product_attention implementations
 MATMUL_ATTENTION_FORMS = ("fastest", "chunked", "pallas", "einsum") + DOT_PRODUCT_ATTENTION
@@ -290,9 +291,12 @@ def causal_mask(b: int, t: int, implementation: str | None = None) -> jax.Array 
 
 
 def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | None,
-           dtype, implementation: str = "einsum", pad_tiles: bool = True) -> jax.Array:
+           dtype, implementation: str = "einsum", pad_tiles: bool = True,
+           layer: int | None = None) -> jax.Array:
     """Softmax attention of q [B, T, K, G, H] over keys, values [B, S, K, H] where mask [B, T, S]
-    allows; returns [B, T, K, G, H] in `dtype`. Scores and sums accumulate in float32.
+    allows; returns [B, T, K, G, H] in `dtype`. Scores and sums accumulate in float32. With
+    `layer`, keys and values are a cache's every layer ([L, B, S, K, H]) and the layer's are
+    read, as `keys[layer].astype(dtype)` (the Pallas kernel reads them in place).
 
     `implementation`: "einsum", "chunked" (`chunked_attention`, where SLOT_CHUNK divides S;
     else "einsum"), "pallas" (attention_kernel.attend: the chunked form as one kernel; same
@@ -313,14 +317,17 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     row has more than MULTIPLY_SUM_QUERIES queries (a verify pass); the GEMMs run as two einsums
     or through `implementation`."""
     h = q.shape[-1]
-    b, t, s = q.shape[0], q.shape[1], keys.shape[1]
+    b, t, s = q.shape[0], q.shape[1], keys.shape[-3]
     implementation = matmul_attention_form(implementation)
     few = mask is not None and t <= MULTIPLY_SUM_QUERIES and b * t * s <= MULTIPLY_SUM_PAIRS
     chunks = mask is not None and s % SLOT_CHUNK == 0
+    kernel = not few and implementation == "pallas" and chunks
+    if layer is not None and not (kernel and keys.dtype == dtype):
+        keys, values, layer = keys[layer].astype(dtype), values[layer].astype(dtype), None
+    if kernel:
+        return attention_kernel.attend(q, keys, values, mask, dtype, SLOT_CHUNK, layer)
     if not few and implementation == "chunked" and chunks:
         return chunked_attention(q, keys, values, mask, dtype, SLOT_CHUNK)
-    if not few and implementation == "pallas" and chunks:
-        return attention_kernel.attend(q, keys, values, mask, dtype, SLOT_CHUNK)
     if not few and implementation in DOT_PRODUCT_ATTENTION:
         # query head k * G + g reads kv head k, as here
         q_heads, mask_heads = q.reshape(b, t, -1, h).astype(keys.dtype), None
@@ -376,18 +383,18 @@ class Attention(nn.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         k, v = k.astype(self.dtype), v.astype(self.dtype)  # as the cache keeps them
 
-        keys, values, new_kv = k, v, None
+        keys, values, layer, new_kv = k, v, None, None
         if cache_kv is not None:
             new_kv = tuple(kv_cache.write(c, self.layer_index, new, starts)
                            for c, new in zip(cache_kv, (k, v)))
             if not prefill:
-                keys, values = (c[self.layer_index] for c in new_kv)  # [B, S, K, H]
+                (keys, values), layer = new_kv, self.layer_index  # [L, B, S, K, H]
         uncached = cache_kv is None or prefill
 
         q = q.reshape(b, t, k_heads, n // k_heads, h)  # [B, T, K, G, H]
-        out = attend(q, keys.astype(self.dtype), values.astype(self.dtype), mask, self.dtype,
+        out = attend(q, keys, values, mask, self.dtype,
                      self.uncached_attention if uncached else MATMUL_ATTENTION,
-                     pad_tiles=uncached)
+                     pad_tiles=uncached, layer=layer)
         out = out.reshape(b, t, n * h)
         # Into the float32 residual stream (DecoderLayer) without a bfloat16 rounding.
         out, = _project(self, out, ("o_proj",), (c.hidden_size,), (("heads", "embed"),),
