@@ -111,6 +111,9 @@ flags.DEFINE_integer("multiply_sum_pairs", llama.MULTIPLY_SUM_PAIRS, "psjax atte
 flags.DEFINE_integer("multiply_sum_queries", llama.MULTIPLY_SUM_QUERIES, "psjax attention: "
                      "the most queries a row for which multiply-and-sum is used (1: one-token "
                      "steps only, verify passes as matmuls; llama.MULTIPLY_SUM_QUERIES)")
+flags.DEFINE_enum("matmul_attention", llama.MATMUL_ATTENTION, llama.MATMUL_ATTENTION_FORMS,
+                  "psjax attention: how the matmul form (verify passes) runs "
+                  "(llama.MATMUL_ATTENTION; the one it resolves to is in summary.json)")
 flags.DEFINE_integer("gemm_min_rows", 0, "psjax: products of fewer rows are padded to this "
                      "many, so XLA keeps them GEMMs (1 = off: a batch-1 decode step's "
                      "projections become reductions); 0 = llama.GEMM_MIN_ROWS' default")
@@ -133,6 +136,7 @@ def main(argv):
     del argv
     llama.MULTIPLY_SUM_PAIRS = FLAGS.multiply_sum_pairs
     llama.MULTIPLY_SUM_QUERIES = FLAGS.multiply_sum_queries
+    llama.MATMUL_ATTENTION = FLAGS.matmul_attention
     if FLAGS.gemm_min_rows:
         llama.GEMM_MIN_ROWS = {jax.default_backend(): FLAGS.gemm_min_rows}
     names = [m for m in FLAGS.methods.split(",") if m]
@@ -173,8 +177,13 @@ def main(argv):
 
     tok = target.tokenizer
     questions = spec_bench.load_questions(FLAGS.questions, FLAGS.limit or None)
-    info = dict(card=card(), target=FLAGS.target,
-                command="python " + " ".join(sys.argv))
+    info = dict(card=card(), target=FLAGS.target, command="python " + " ".join(sys.argv),
+                settings=dict(
+                    jax=jax.__version__, dtype=FLAGS.dtype,
+                    matmul_attention=llama.matmul_attention_form(llama.MATMUL_ATTENTION),
+                    multiply_sum_pairs=llama.MULTIPLY_SUM_PAIRS,
+                    multiply_sum_queries=llama.MULTIPLY_SUM_QUERIES,
+                    gemm_min_rows=llama.GEMM_MIN_ROWS.get(jax.default_backend(), 1)))
 
     def save(records, failures):
         summary = specbench.summarize(records, **info, failures={**skipped, **failures})

@@ -98,6 +98,9 @@ def run(tmp_path_factory):
 def test_summary_schema(run, tmp_path):
     records, failures, summary, _ = run
     assert set(summary) == {"card", "date", "target", "command", "methods", "failed"}
+    with_settings = specbench.summarize(records, card="cpu", target="tiny", command="pytest",
+                                        settings={"matmul_attention": "chunked"})
+    assert with_settings["settings"] == {"matmul_attention": "chunked"}
     datetime.date.fromisoformat(summary["date"])
     assert list(summary["methods"]) == ["ar", *SPECULATIVE, "planted"]
     columns = [MT_BENCH, "Translation", "overall"]

@@ -470,9 +470,11 @@ def _check(prompt, tokens, ref, judge) -> dict:
 # ---------------------------------------------------------------- the report
 
 def summarize(records: Sequence[dict], *, card: str, target: str, command: str,
-              date: str | None = None, failures: dict[str, str] | None = None) -> dict:
+              date: str | None = None, failures: dict[str, str] | None = None,
+              settings: dict | None = None) -> dict:
     """summary.json: per method, per category (and overall): speedup over `ar`, tau, tokens/s,
-    divergences and mismatches (None when not checked)."""
+    divergences and mismatches (None when not checked); `settings` (what the command line does
+    not show, e.g. the attention form a default resolved to) recorded as given."""
     per_q: dict[str, dict[int, dict]] = {}
     for r in records:
         q = per_q.setdefault(r["method"], {}).setdefault(r["question_id"], dict(
@@ -521,6 +523,8 @@ def summarize(records: Sequence[dict], *, card: str, target: str, command: str,
                 mismatches=sum(q["mismatches"] for q in qs) if checked else None)
     summary = dict(card=card, date=date or today(), target=target,
                    command=command, methods=methods)
+    if settings:
+        summary["settings"] = dict(settings)
     if failures:
         summary["failed"] = dict(failures)
     return summary
