@@ -117,6 +117,9 @@ flags.DEFINE_enum("matmul_attention", llama.MATMUL_ATTENTION, llama.MATMUL_ATTEN
 flags.DEFINE_integer("gemm_min_rows", 0, "psjax: products of fewer rows are padded to this "
                      "many, so XLA keeps them GEMMs (1 = off: a batch-1 decode step's "
                      "projections become reductions); 0 = llama.GEMM_MIN_ROWS' default")
+flags.DEFINE_integer("gemm_pad_min_weights", llama.GEMM_PAD_MIN_WEIGHTS, "psjax: only "
+                     "products with this many weights or more are padded to --gemm_min_rows "
+                     "(0: every product; llama.GEMM_PAD_MIN_WEIGHTS)")
 flags.DEFINE_string("out_dir", "/tmp/psjax_specbench", "where the outputs go")
 
 
@@ -139,6 +142,7 @@ def main(argv):
     llama.MATMUL_ATTENTION = FLAGS.matmul_attention
     if FLAGS.gemm_min_rows:
         llama.GEMM_MIN_ROWS = {jax.default_backend(): FLAGS.gemm_min_rows}
+    llama.GEMM_PAD_MIN_WEIGHTS = FLAGS.gemm_pad_min_weights
     names = [m for m in FLAGS.methods.split(",") if m]
     unknown = sorted(n for n in set(names) if not specbench.is_known(n))
     if unknown:
@@ -183,7 +187,8 @@ def main(argv):
                     matmul_attention=llama.matmul_attention_form(llama.MATMUL_ATTENTION),
                     multiply_sum_pairs=llama.MULTIPLY_SUM_PAIRS,
                     multiply_sum_queries=llama.MULTIPLY_SUM_QUERIES,
-                    gemm_min_rows=llama.GEMM_MIN_ROWS.get(jax.default_backend(), 1)))
+                    gemm_min_rows=llama.GEMM_MIN_ROWS.get(jax.default_backend(), 1),
+                    gemm_pad_min_weights=llama.GEMM_PAD_MIN_WEIGHTS))
 
     def save(records, failures):
         summary = specbench.summarize(records, **info, failures={**skipped, **failures})
