@@ -13,8 +13,8 @@ of Mosaic GPU, still run by the GPU machine's jax 0.11.2); elsewhere (a CPU: the
 interprets it. `llama.MATMUL_ATTENTION`'s default, "fastest", picks it on a GPU. On an H200 it
 took a lookup-in-front step (8 nodes, random weights of Qwen2.5-0.5B's shape) from 1.381 to
 1.199 ms at batch 1 and from 2.090 to 1.593 ms at batch 8 (results/profile_h200_attention_kernel/);
-reading the cache's layer in place (`layer`) then took off a copy a layer: 1.161 -> 1.098 ms and
-1.591 -> 1.484 ms (results/profile_h200_attention_inplace/).
+reading the cache's layer in place (`layer`) then took off a copy a layer: 1.160 -> 1.098 ms and
+1.581 -> 1.484 ms (results/profile_h200_attention_inplace/).
 """
 
 from __future__ import annotations
