@@ -106,7 +106,7 @@ def main(argv):
                for turns in spec_bench.first_turns(FLAGS.questions, max(batch_sizes))]
     results = {**run_header(), "target": FLAGS.target,
                "dtype": FLAGS.dtype, "max_new_tokens": FLAGS.max_new_tokens,
-               "matmul_attention": llama.matmul_attention_form(FLAGS.matmul_attention),
+               **llama.numerics(),
                "command": " ".join(sys.argv), "cells": {}}
     for temperature in (float(t) for t in FLAGS.temperatures.split(",")):
         opts = specbench.Options(

@@ -182,13 +182,7 @@ def main(argv):
     tok = target.tokenizer
     questions = spec_bench.load_questions(FLAGS.questions, FLAGS.limit or None)
     info = dict(card=card(), target=FLAGS.target, command="python " + " ".join(sys.argv),
-                settings=dict(
-                    jax=jax.__version__, dtype=FLAGS.dtype,
-                    matmul_attention=llama.matmul_attention_form(llama.MATMUL_ATTENTION),
-                    multiply_sum_pairs=llama.MULTIPLY_SUM_PAIRS,
-                    multiply_sum_queries=llama.MULTIPLY_SUM_QUERIES,
-                    gemm_min_rows=llama.GEMM_MIN_ROWS.get(jax.default_backend(), 1),
-                    gemm_pad_min_weights=llama.GEMM_PAD_MIN_WEIGHTS))
+                settings=dict(jax=jax.__version__, dtype=FLAGS.dtype, **llama.numerics()))
 
     def save(records, failures):
         summary = specbench.summarize(records, **info, failures={**skipped, **failures})

@@ -102,6 +102,7 @@ def test_attention_paths_agree(monkeypatch):
     # The default picks the Pallas kernel on a GPU only; here the chunked form.
     assert llama.MATMUL_ATTENTION == "fastest"
     assert llama.matmul_attention_form("fastest") == "chunked"
+    assert llama.numerics()["matmul_attention"] == "chunked"
     assert jaxpr(40, "fastest") == jaxpr(40)
 
 

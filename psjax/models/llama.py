@@ -47,6 +47,11 @@ GEMM_MIN_ROWS = {"gpu": 2}
 GEMM_PAD_MIN_WEIGHTS = 2**22
 
 
+def gemm_min_rows() -> int:
+    """GEMM_MIN_ROWS for the backend in use (1: no padding)."""
+    return GEMM_MIN_ROWS.get(jax.default_backend(), 1)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
     """x [..., D] times kernel [D, F], both in the compute dtype: products accumulate in float32,
@@ -54,7 +59,7 @@ def matmul(x: jax.Array, kernel: jax.Array, out_dtype) -> jax.Array:
     float32 output's cotangent promotes both backward products to float32 (TF32 GEMMs on a
     GPU): the trainer's head and the drafter layer's 14 products in a bfloat16 step (the
     layer's projections return float32, DecoderLayer). In float32 it is autodiff's backward."""
-    rows, min_rows = math.prod(x.shape[:-1]), GEMM_MIN_ROWS.get(jax.default_backend(), 1)
+    rows, min_rows = math.prod(x.shape[:-1]), gemm_min_rows()
     if rows >= min_rows or kernel.size < GEMM_PAD_MIN_WEIGHTS:
         return jnp.einsum("...d,df->...f", x, kernel, preferred_element_type=out_dtype)
     # The barriers hide the zero rows from XLA's simplifier, which would slice them off again.
@@ -216,6 +221,14 @@ def matmul_attention_form(form: str) -> str:
     if form != "fastest":
         return form
     return "pallas" if jax.default_backend() == "gpu" else "chunked"
+
+
+def numerics() -> dict:
+    """The module's knobs above as they stand ("fastest" resolved): what a results file records
+    besides its command line, which does not show defaults."""
+    return dict(matmul_attention=matmul_attention_form(MATMUL_ATTENTION),
+                multiply_sum_pairs=MULTIPLY_SUM_PAIRS, multiply_sum_queries=MULTIPLY_SUM_QUERIES,
+                gemm_min_rows=gemm_min_rows(), gemm_pad_min_weights=GEMM_PAD_MIN_WEIGHTS)
 
 
 def fastest_uncached_attention(dtype) -> str:
