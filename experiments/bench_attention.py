@@ -1,5 +1,5 @@
 """A decode step's time against the cache size, with attention written as multiply-and-sum (psjax's
-default up to `llama.MULTIPLY_SUM_PAIRS` queries x cache slots) and as matmuls
+default in front of the XLA forms, up to `llama.multiply_sum_pairs` queries x cache slots) and as matmuls
 (`--multiply_sum_pairs 0`; `--matmul_attention einsum,cudnn` also times the matmul form as one
 fused cuDNN kernel; `--gemm_min_rows 1,2` times one-row projections as XLA's reductions and
 as two-row GEMMs): issue 2's

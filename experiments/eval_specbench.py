@@ -107,7 +107,9 @@ flags.DEFINE_enum("text", "all", ["all", "diverged"], "questions.jsonl text: eve
                   "or the baseline's plus where a method diverged (smaller files)")
 flags.DEFINE_integer("multiply_sum_pairs", llama.MULTIPLY_SUM_PAIRS, "psjax attention: "
                      "rows x queries x cache slots up to which a pass with a cache attends by "
-                     "multiply-and-sum rather than matmuls (llama.MULTIPLY_SUM_PAIRS)")
+                     "multiply-and-sum rather than matmuls (unset: llama.multiply_sum_pairs, 0 "
+                     "in front of the Pallas kernel, 14336 otherwise; runs before 2026-12-02's "
+                     "'On H200s (16)' had 14336 with the kernel too)")
 flags.DEFINE_integer("multiply_sum_queries", llama.MULTIPLY_SUM_QUERIES, "psjax attention: "
                      "the most queries a row for which multiply-and-sum is used (1: one-token "
                      "steps only, verify passes as matmuls; llama.MULTIPLY_SUM_QUERIES)")

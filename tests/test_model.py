@@ -104,6 +104,17 @@ def test_attention_paths_agree(monkeypatch):
     assert llama.matmul_attention_form("fastest") == "chunked"
     assert llama.numerics()["matmul_attention"] == "chunked"
     assert jaxpr(40, "fastest") == jaxpr(40)
+    # One-token steps: multiply-and-sum in front of the XLA forms, by default; the kernel takes
+    # them where it is the form.
+    monkeypatch.setattr(llama, "MULTIPLY_SUM_PAIRS", None)
+    monkeypatch.setattr(llama, "MULTIPLY_SUM_QUERIES", 1)
+    assert (llama.multiply_sum_pairs("pallas"), llama.multiply_sum_pairs("chunked")) == (0, 14_336)
+    assert llama.numerics()["multiply_sum_pairs"] == 14_336
+    step = lambda q, form: llama.attend(q, keys, values, mask[:, :1], jnp.float32, form)
+    step_jaxpr = lambda form: str(jax.make_jaxpr(lambda q: step(q, form))(q[:, :1]))
+    assert "pallas_call" in step_jaxpr("pallas") and "dot_general" not in step_jaxpr("chunked")
+    np.testing.assert_allclose(step(q[:, :1], "pallas"), step(q[:, :1], "chunked"),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_einsum_float32_gradient_is_autodiffs_in_float32():

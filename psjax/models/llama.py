@@ -188,7 +188,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 # multiply-and-sum attention of a 17-node tree took 1.5 ms of a 3.6 ms step (H100, 2026-11-27).
 # The one-token step follows the same count (results/attention_h100/attention_cudnn_b8_b32.json,
 # context 512: multiply-and-sum 1.11 vs matmuls 1.14 ms at batch 8, 1.43 vs 1.25 ms at batch 32).
-MULTIPLY_SUM_PAIRS = 14_336
+# That is the default in front of the XLA forms; in front of the Pallas kernel (MATMUL_ATTENTION
+# below) it is 0, every pass over a cache through the kernel: on an H200 (Qwen2.5-Coder-0.5B, 18
+# Spec-Bench questions x 1,024 tokens, autoregressive, two runs a setting alternating;
+# results/ar_one_token_steps_h200_kernel/) a one-token step took 1.05-1.07 / 1.08-1.11 ms at
+# 512- / 2,048-wide prompts through the kernel, 1.11-1.16 / 1.23-1.24 as multiply-and-sum.
+# None: those defaults (`multiply_sum_pairs`); a number: that count for every form.
+MULTIPLY_SUM_PAIRS: int | None = None
 # ... and only for rows of at most this many queries: one-token steps. On an H200 (jax 0.11.2,
 # Qwen2.5-Coder-0.5B, 12 Spec-Bench questions x 1,024 new tokens, one process a setting;
 # results/attention_h200_verify_form_1024_12q/) a 9-query verify pass over ~1,550 slots (~13.9k
@@ -223,11 +229,20 @@ def matmul_attention_form(form: str) -> str:
     return "pallas" if jax.default_backend() == "gpu" else "chunked"
 
 
+def multiply_sum_pairs(form: str) -> int:
+    """MULTIPLY_SUM_PAIRS for passes whose matmul form is `form` (resolved: "pallas" where the
+    kernel takes the pass)."""
+    if MULTIPLY_SUM_PAIRS is not None:
+        return MULTIPLY_SUM_PAIRS
+    return 0 if form == "pallas" else 14_336  # the crossover measured above
+
+
 def numerics() -> dict:
     """The module's knobs above as they stand ("fastest" resolved): what a results file records
     besides its command line, which does not show defaults."""
     return dict(matmul_attention=matmul_attention_form(MATMUL_ATTENTION),
-                multiply_sum_pairs=MULTIPLY_SUM_PAIRS, multiply_sum_queries=MULTIPLY_SUM_QUERIES,
+                multiply_sum_pairs=multiply_sum_pairs(matmul_attention_form(MATMUL_ATTENTION)),
+                multiply_sum_queries=MULTIPLY_SUM_QUERIES,
                 gemm_min_rows=gemm_min_rows(), gemm_pad_min_weights=GEMM_PAD_MIN_WEIGHTS)
 
 
@@ -326,15 +341,18 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array | N
     stay fused only while small (XLA's GPU compiler rewrites a dot under 10^6 multiply-adds as a
     reduction); past that (a cache of ~1,100 slots for Qwen2.5-0.5B) each becomes a batched GEMM
     of 7 rows with transposes around it. But the reduction reads the keys and values once per
-    query, so it loses to the GEMM once rows x queries x slots passes MULTIPLY_SUM_PAIRS, or a
-    row has more than MULTIPLY_SUM_QUERIES queries (a verify pass); the GEMMs run as two einsums
-    or through `implementation`."""
+    query, so it loses to the GEMM once rows x queries x slots passes `multiply_sum_pairs` (by
+    default never in front of the Pallas kernel), or a row has more than MULTIPLY_SUM_QUERIES
+    queries (a verify pass); the GEMMs run as two einsums or through `implementation`."""
     h = q.shape[-1]
     b, t, s = q.shape[0], q.shape[1], keys.shape[-3]
     implementation = matmul_attention_form(implementation)
-    few = mask is not None and t <= MULTIPLY_SUM_QUERIES and b * t * s <= MULTIPLY_SUM_PAIRS
     chunks = mask is not None and s % SLOT_CHUNK == 0
-    kernel = not few and implementation == "pallas" and chunks
+    if implementation == "pallas" and not chunks:
+        implementation = "einsum"
+    few = (mask is not None and t <= MULTIPLY_SUM_QUERIES
+           and b * t * s <= multiply_sum_pairs(implementation))
+    kernel = not few and implementation == "pallas"
     if layer is not None and not (kernel and keys.dtype == dtype):
         keys, values, layer = keys[layer].astype(dtype), values[layer].astype(dtype), None
     if kernel:
