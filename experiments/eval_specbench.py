@@ -62,7 +62,7 @@ from psjax.bench import hf_baselines, specbench  # noqa: E402
 from psjax.bench.timing import card  # noqa: E402
 from psjax.data import spec_bench  # noqa: E402
 from psjax.decoding.sampling import Sampling  # noqa: E402
-from psjax.models import llama  # noqa: E402
+from psjax.models import attention_kernel, llama  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -122,6 +122,11 @@ flags.DEFINE_integer("gemm_min_rows", 0, "psjax: products of fewer rows are padd
 flags.DEFINE_integer("gemm_pad_min_weights", llama.GEMM_PAD_MIN_WEIGHTS, "psjax: only "
                      "products with this many weights or more are padded to --gemm_min_rows "
                      "(0: every product; llama.GEMM_PAD_MIN_WEIGHTS)")
+flags.DEFINE_integer("kernel_min_rows", attention_kernel.MIN_QUERY_ROWS, "psjax: the Pallas "
+                     "attention kernel pads a KV head's query rows to at least this many (a "
+                     "power of two >= 16; attention_kernel.MIN_QUERY_ROWS)")
+flags.register_validator("kernel_min_rows", lambda n: n >= 16 and n & (n - 1) == 0,
+                         "--kernel_min_rows must be a power of two, at least 16")
 flags.DEFINE_string("out_dir", "/tmp/psjax_specbench", "where the outputs go")
 
 
@@ -145,6 +150,7 @@ def main(argv):
     if FLAGS.gemm_min_rows:
         llama.GEMM_MIN_ROWS = {jax.default_backend(): FLAGS.gemm_min_rows}
     llama.GEMM_PAD_MIN_WEIGHTS = FLAGS.gemm_pad_min_weights
+    attention_kernel.MIN_QUERY_ROWS = FLAGS.kernel_min_rows
     names = [m for m in FLAGS.methods.split(",") if m]
     unknown = sorted(n for n in set(names) if not specbench.is_known(n))
     if unknown:

@@ -90,6 +90,15 @@ def test_attention_paths_agree(monkeypatch):
             rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="chunks of 16"):
         attention_kernel.attend(q, keys, values, mask, jnp.float32, 16)  # 40 slots
+    # Query rows padded past what they need (MIN_QUERY_ROWS; 6 rows a KV head here): the same
+    # attention. A query count not traced above, so the jitted kernel traces anew.
+    monkeypatch.setattr(attention_kernel, "MIN_QUERY_ROWS", 64)
+    few_rows = lambda q: attention_kernel.attend(q, keys[:, :32], values[:, :32],
+                                                 mask[:, :2, :32], jnp.float32, 16)
+    assert "f32[3,2,64,16]" in str(jax.make_jaxpr(few_rows)(q[:, :2]))  # [B, K, rows, H]
+    np.testing.assert_allclose(few_rows(q[:, :2]), llama.attend(
+        q[:, :2], keys[:, :32], values[:, :32], mask[:, :2, :32], jnp.float32),
+        rtol=1e-5, atol=1e-5)
     # A cache's every layer [L, B, S, K, H] with the layer to read: the kernel reads it in place,
     # the other forms take the slice.
     stacked = [jnp.stack([jnp.zeros_like(x), x]) for x in (keys, values)]

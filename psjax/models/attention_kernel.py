@@ -29,6 +29,11 @@ from jax.experimental.pallas import triton as plgpu
 
 # Keys per inner iteration of a program (at most the chunk). Triton tiles are powers of two.
 BLOCK_K = 64
+# A program's query rows (T x G) are padded to a power of two, at least this: Triton's smallest
+# dot takes 16. Raised, passes of different query counts run the same tile, so a one-token step
+# and a verify pass compute a row alike (`eval_specbench.py --kernel_min_rows`, issue 3's
+# exactness probe; on a GPU the dot's instruction may follow the tile).
+MIN_QUERY_ROWS = 16
 _NEG = -1e30  # masked scores: finite, so a fully masked chunk gives exp(0) nowhere (see _kernel)
 
 
@@ -86,10 +91,10 @@ def attend(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, dt
     block = min(BLOCK_K, chunk)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    # Query row r = t * G + g of KV head k; rows padded to a power of two (Triton), at least 16
-    # (its smallest dot). Padded rows see every slot and are dropped.
+    # Query row r = t * G + g of KV head k; rows padded to a power of two (Triton), at least
+    # MIN_QUERY_ROWS. Padded rows see every slot and are dropped.
     rows = t * g
-    padded = max(16, 1 << (rows - 1).bit_length())
+    padded = max(MIN_QUERY_ROWS, 1 << (rows - 1).bit_length())
     q_rows = jnp.moveaxis(q, 2, 1).reshape(b, k, rows, h).astype(keys.dtype)
     q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, padded - rows), (0, 0)))
     mask_rows = jnp.repeat(mask, g, axis=1).astype(jnp.int8)  # [B, R, S], shared by the layers

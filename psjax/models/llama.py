@@ -243,7 +243,8 @@ def numerics() -> dict:
     return dict(matmul_attention=matmul_attention_form(MATMUL_ATTENTION),
                 multiply_sum_pairs=multiply_sum_pairs(matmul_attention_form(MATMUL_ATTENTION)),
                 multiply_sum_queries=MULTIPLY_SUM_QUERIES,
-                gemm_min_rows=gemm_min_rows(), gemm_pad_min_weights=GEMM_PAD_MIN_WEIGHTS)
+                gemm_min_rows=gemm_min_rows(), gemm_pad_min_weights=GEMM_PAD_MIN_WEIGHTS,
+                kernel_min_rows=attention_kernel.MIN_QUERY_ROWS)
 
 
 def fastest_uncached_attention(dtype) -> str:
