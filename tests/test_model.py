@@ -143,7 +143,8 @@ def test_einsum_float32_gradient_is_autodiffs_in_float32():
 
 
 def test_attention_form_by_default():
-    """By default only one-token steps take multiply-and-sum; a verify pass of several queries
+    """By default only one-token steps take multiply-and-sum (in front of the XLA forms; in front
+    of the Pallas kernel none do: test_attention_paths_agree); a verify pass of several queries
     takes the matmul form (dot_generals) even over a short cache."""
     rs = np.random.RandomState(6)
     keys, values = (jnp.asarray(rs.randn(1, 40, 2, 16), jnp.float32) for _ in range(2))
