@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from psjax.bench import limits
+from psjax.bench import exactness, limits
 from psjax.decoding import speculative
 from psjax.decoding.sampling import GREEDY
 from psjax.decoding.tree import Tree
@@ -166,3 +166,44 @@ def test_bench_grid_runs(tmp_path):
     assert cells["0/2"]["ar"]["speedup"] == 1.0
     for method in ("parallelspec", "parallelspec_lookup"):  # float32: lossless
         assert cells["0/2"][method]["rows_differing"] == 0
+
+
+def test_exactness_probe_layouts_compute_the_same():
+    """psjax.bench.exactness: in float32 the verify passes, as a chain and as a tree with decoy
+    siblings moved out of the path, give the one-token steps' logits up to rounding (a wrong
+    tree mask or move would not)."""
+    slots, depth, mask = exactness.tree_layout(3)
+    assert slots.tolist() == [0, 2, 4] and depth.tolist() == [0, 1, 1, 2, 2]
+    assert mask[4].tolist() == [True, False, True, False, True]  # path node 2: path 0, 1
+    assert mask[3].tolist() == [True, False, True, True, False]  # its decoy sibling
+    target = random_target(ModelConfig.from_hf_dict(TINY), seed=3, scale=8.0)
+    prompt = [5, 17, 5, 17, 40, 2, 9, 71, 33, 5]
+    out = exactness.compare(target.module, target.params, prompt, new_tokens=10, t=4)
+    assert out["positions"] == 8  # two whole passes of 4
+    for layout in exactness.LAYOUTS:
+        assert out[layout]["argmax_equal"] == 8
+        assert out[layout]["max_abs_diff"] < 1e-4, (layout, out[layout])
+    with pytest.raises(ValueError, match="no whole verify pass"):
+        exactness.compare(target.module, target.params, prompt, new_tokens=3, t=4)
+
+
+def test_probe_exactness_cli(tmp_path):
+    """experiments/probe_exactness.py on SmolLM2's shape with random weights, two settings; a
+    knob it does not know is named before anything compiles."""
+    script = os.path.join(REPO, "experiments", "probe_exactness.py")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    bad = subprocess.run([sys.executable, script, "--configs", "default;gemm_rows=2"], cwd=REPO,
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "gemm_rows" in bad.stderr and "gemm_min_rows" in bad.stderr
+    out = tmp_path / "exactness.json"
+    subprocess.run([sys.executable, script, "--shape", "smollm2-135m", "--dtype", "float32",
+                    "--prompt_tokens", "16", "--new_tokens", "4", "--t", "2",
+                    "--configs", "default;gemm_min_rows=2,gemm_pad_min_weights=0",
+                    "--out", str(out)], check=True, cwd=REPO, env=env)
+    result = json.loads(out.read_text())
+    assert {"card", "date", "jax"} <= set(result)
+    rows = result["configs"]
+    assert rows["gemm_min_rows=2,gemm_pad_min_weights=0"]["numerics"]["gemm_min_rows"] == 2
+    assert rows["default"]["numerics"]["gemm_min_rows"] == 1  # the CPU's default
+    for row in rows.values():
+        assert row["positions"] == 4 and row["chain"]["argmax_equal"] == 4

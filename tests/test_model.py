@@ -119,6 +119,10 @@ def test_attention_paths_agree(monkeypatch):
     monkeypatch.setattr(llama, "MULTIPLY_SUM_QUERIES", 1)
     assert (llama.multiply_sum_pairs("pallas"), llama.multiply_sum_pairs("chunked")) == (0, 14_336)
     assert llama.numerics()["multiply_sum_pairs"] == 14_336
+    before = llama.numerics()
+    with llama.numerics_as(kernel_min_rows=128, gemm_min_rows=16):  # set for the block only
+        assert (attention_kernel.MIN_QUERY_ROWS, llama.gemm_min_rows()) == (128, 16)
+    assert llama.numerics() == before
     step = lambda q, form: llama.attend(q, keys, values, mask[:, :1], jnp.float32, form)
     step_jaxpr = lambda form: str(jax.make_jaxpr(lambda q: step(q, form))(q[:, :1]))
     assert "pallas_call" in step_jaxpr("pallas") and "dot_general" not in step_jaxpr("chunked")

@@ -10,9 +10,11 @@ G = N // K query heads per KV head, H head dim, D model dim, F MLP dim, V vocab.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
+import sys
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -245,6 +247,37 @@ def numerics() -> dict:
                 multiply_sum_queries=MULTIPLY_SUM_QUERIES,
                 gemm_min_rows=gemm_min_rows(), gemm_pad_min_weights=GEMM_PAD_MIN_WEIGHTS,
                 kernel_min_rows=attention_kernel.MIN_QUERY_ROWS)
+
+
+# numerics()'s names -> (module, attribute, how a value is stored there)
+_KNOBS = {
+    "matmul_attention": (sys.modules[__name__], "MATMUL_ATTENTION", str),
+    "multiply_sum_pairs": (sys.modules[__name__], "MULTIPLY_SUM_PAIRS", int),
+    "multiply_sum_queries": (sys.modules[__name__], "MULTIPLY_SUM_QUERIES", int),
+    "gemm_min_rows": (sys.modules[__name__], "GEMM_MIN_ROWS",
+                      lambda rows: {jax.default_backend(): int(rows)}),
+    "gemm_pad_min_weights": (sys.modules[__name__], "GEMM_PAD_MIN_WEIGHTS", int),
+    "kernel_min_rows": (attention_kernel, "MIN_QUERY_ROWS", int),
+}
+
+
+@contextlib.contextmanager
+def numerics_as(**knobs):
+    """The knobs `numerics()` names set to `knobs` inside the block (gemm_min_rows for this
+    backend), the old values back after it. Functions jitted before keep what they traced:
+    `jax.clear_caches()` inside the block recompiles under the new values."""
+    unknown = sorted(set(knobs) - set(_KNOBS))
+    if unknown:
+        raise ValueError(f"unknown numerics knobs {unknown}; known: {sorted(_KNOBS)}")
+    saved = {name: getattr(*_KNOBS[name][:2]) for name in knobs}
+    try:
+        for name, value in knobs.items():
+            module, attribute, stored = _KNOBS[name]
+            setattr(module, attribute, stored(value))
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(*_KNOBS[name][:2], value)
 
 
 def fastest_uncached_attention(dtype) -> str:
