@@ -38,8 +38,8 @@ def _one_token_steps(module: Transformer, params, prompt, *, steps: int, cache_l
         cache, logits = carry
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [1]
         out = module.apply({"params": params}, token[:, None], cache.lengths[:, None], cache)
-        return (out.cache.commit(jnp.ones(1, jnp.int32)), out.logits[:, 0]), (token[0],
-                                                                              out.logits[0, 0])
+        carry = (out.cache.commit(jnp.ones(1, jnp.int32)), out.logits[:, 0])
+        return carry, (token[0], out.logits[0, 0])
 
     _, (ids, step_logits) = jax.lax.scan(step, (cache, logits), None, length=steps)
     return ids, step_logits
