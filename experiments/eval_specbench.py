@@ -125,7 +125,7 @@ flags.DEFINE_integer("gemm_pad_min_weights", llama.GEMM_PAD_MIN_WEIGHTS, "psjax:
 flags.DEFINE_integer("kernel_min_rows", attention_kernel.MIN_QUERY_ROWS, "psjax: the Pallas "
                      "attention kernel pads a KV head's query rows to at least this many (a "
                      "power of two >= 16; attention_kernel.MIN_QUERY_ROWS)")
-flags.register_validator("kernel_min_rows", lambda n: n >= 16 and n & (n - 1) == 0,
+flags.register_validator("kernel_min_rows", attention_kernel.is_tile_rows,
                          "--kernel_min_rows must be a power of two, at least 16")
 flags.DEFINE_string("out_dir", "/tmp/psjax_specbench", "where the outputs go")
 

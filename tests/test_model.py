@@ -123,6 +123,11 @@ def test_attention_paths_agree(monkeypatch):
     with llama.numerics_as(kernel_min_rows=128, gemm_min_rows=16):  # set for the block only
         assert (attention_kernel.MIN_QUERY_ROWS, llama.gemm_min_rows()) == (128, 16)
     assert llama.numerics() == before
+    for bad in (dict(kernel_min_rows=24), dict(matmul_attention="flash"), dict(gemm_min_rows="x")):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.*it takes"):
+            with llama.numerics_as(**bad):
+                pass
+    assert llama.numerics() == before
     step = lambda q, form: llama.attend(q, keys, values, mask[:, :1], jnp.float32, form)
     step_jaxpr = lambda form: str(jax.make_jaxpr(lambda q: step(q, form))(q[:, :1]))
     assert "pallas_call" in step_jaxpr("pallas") and "dot_general" not in step_jaxpr("chunked")

@@ -249,15 +249,21 @@ def numerics() -> dict:
                 kernel_min_rows=attention_kernel.MIN_QUERY_ROWS)
 
 
+_THIS = sys.modules[__name__]
 # numerics()'s names -> (module, attribute, how a value is stored there)
 _KNOBS = {
-    "matmul_attention": (sys.modules[__name__], "MATMUL_ATTENTION", str),
-    "multiply_sum_pairs": (sys.modules[__name__], "MULTIPLY_SUM_PAIRS", int),
-    "multiply_sum_queries": (sys.modules[__name__], "MULTIPLY_SUM_QUERIES", int),
-    "gemm_min_rows": (sys.modules[__name__], "GEMM_MIN_ROWS",
-                      lambda rows: {jax.default_backend(): int(rows)}),
-    "gemm_pad_min_weights": (sys.modules[__name__], "GEMM_PAD_MIN_WEIGHTS", int),
+    "matmul_attention": (_THIS, "MATMUL_ATTENTION", str),
+    "multiply_sum_pairs": (_THIS, "MULTIPLY_SUM_PAIRS", int),
+    "multiply_sum_queries": (_THIS, "MULTIPLY_SUM_QUERIES", int),
+    "gemm_min_rows": (_THIS, "GEMM_MIN_ROWS", lambda rows: {jax.default_backend(): int(rows)}),
+    "gemm_pad_min_weights": (_THIS, "GEMM_PAD_MIN_WEIGHTS", int),
     "kernel_min_rows": (attention_kernel, "MIN_QUERY_ROWS", int),
+}
+# ... and what a value must be, where not every int or string is one
+_KNOB_RULES = {
+    "matmul_attention": (lambda form: form in MATMUL_ATTENTION_FORMS,
+                         f"one of {MATMUL_ATTENTION_FORMS}"),
+    "kernel_min_rows": (attention_kernel.is_tile_rows, "a power of two, at least 16"),
 }
 
 
@@ -269,11 +275,20 @@ def numerics_as(**knobs):
     unknown = sorted(set(knobs) - set(_KNOBS))
     if unknown:
         raise ValueError(f"unknown numerics knobs {unknown}; known: {sorted(_KNOBS)}")
+    values = {}
+    for name, given in knobs.items():
+        ok, takes = _KNOB_RULES.get(name, (lambda _: True, "a number"))
+        try:
+            value = _KNOBS[name][2](given)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}={given!r}: it takes {takes}") from None
+        if not ok(value):
+            raise ValueError(f"{name}={given!r}: it takes {takes}")
+        values[name] = value
     saved = {name: getattr(*_KNOBS[name][:2]) for name in knobs}
     try:
-        for name, value in knobs.items():
-            module, attribute, stored = _KNOBS[name]
-            setattr(module, attribute, stored(value))
+        for name, value in values.items():
+            setattr(*_KNOBS[name][:2], value)
         yield
     finally:
         for name, value in saved.items():
