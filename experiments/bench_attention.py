@@ -1,8 +1,8 @@
 """A decode step's time against the cache size, with attention written as multiply-and-sum (psjax's
-default in front of the XLA forms, up to `llama.multiply_sum_pairs` queries x cache slots) and as matmuls
-(`--multiply_sum_pairs 0`; `--matmul_attention einsum,cudnn` also times the matmul form as one
-fused cuDNN kernel; `--gemm_min_rows 1,2` times one-row projections as XLA's reductions and
-as two-row GEMMs): issue 2's
+default in front of the XLA forms, up to `llama.multiply_sum_pairs` queries x cache slots) and
+as matmuls (`--multiply_sum_pairs 0`; `--matmul_attention einsum,cudnn` also times the matmul
+form as one fused cuDNN kernel; `--gemm_min_rows 1,2` times one-row projections as XLA's
+reductions and as two-row GEMMs): issue 2's
 "find where the time between kernels goes". With --chains, also a speculative step verifying
 N + 1 queries (a prompt-lookup chain of N drafts: the verify cost, whatever is accepted).
 
@@ -56,8 +56,6 @@ flags.DEFINE_string("out", "", "JSON file for the results (optional)")
 
 def main(argv):
     del argv
-    default_min_rows = llama.GEMM_MIN_ROWS
-    llama.MULTIPLY_SUM_QUERIES = FLAGS.multiply_sum_queries
     target = random_target(limits.shape_config(FLAGS.shape), dtype="bfloat16", fused=True)
     results = {**run_header(), "shape": FLAGS.shape,
                "new_tokens": FLAGS.new_tokens, "command": " ".join(sys.argv), "ar_ms": {},
@@ -68,34 +66,41 @@ def main(argv):
         for pairs, kernel, rows, weights in itertools.product(
                 map(int, FLAGS.multiply_sum_pairs), FLAGS.matmul_attention,
                 map(int, FLAGS.gemm_min_rows), map(int, FLAGS.gemm_pad_min_weights)):
-            llama.MULTIPLY_SUM_PAIRS, llama.MATMUL_ATTENTION = pairs, kernel
-            llama.GEMM_MIN_ROWS = {jax.default_backend(): rows} if rows else default_min_rows
-            llama.GEMM_PAD_MIN_WEIGHTS = weights
-            jax.clear_caches()  # the module is unchanged: recompile under the new setting
+            knobs = dict(multiply_sum_pairs=pairs, multiply_sum_queries=FLAGS.multiply_sum_queries,
+                         matmul_attention=kernel, gemm_pad_min_weights=weights)
+            if rows:  # 0: llama's default for this backend
+                knobs["gemm_min_rows"] = rows
             setting = f"batch {batch}, context {context}, multiply_sum_pairs {pairs}, " \
                       f"matmul_attention {llama.matmul_attention_form(kernel)}, " \
                       f"gemm_min_rows {rows}, " \
                       f"gemm_pad_min_weights {weights}"
-            try:  # a kernel this card or cuDNN lacks is recorded, and the others still run
-                prefill = limits.prefill_seconds(target.module, target.params, prompts)
-                for chain in map(int, FLAGS.chains):
-                    if chain == 0:
-                        ms = 1e3 * limits.ar_step_seconds(
-                            target.module, target.params, prompts, new_tokens=FLAGS.new_tokens,
-                            prefill=prefill)
-                        results["ar_ms"][setting] = ms
-                    else:
-                        ms = 1e3 * limits.spec_step_seconds(
-                            target.module, target.params, prompts, PromptLookup(), None,
-                            Tree.chain(chain), new_tokens=FLAGS.new_tokens, prefill=prefill)
-                        results["spec_ms"][f"{setting}, chain {chain}"] = ms
-                    print(f"{setting}, chain {chain}: step {ms:.3f} ms", flush=True)
-            except Exception as e:  # pylint: disable=broad-except
-                results.setdefault("errors", {})[setting] = f"{type(e).__name__}: {e}"[:2000]
-                print(f"{setting}: {type(e).__name__}: {e}"[:2000], flush=True)
+            with llama.numerics_as(**knobs):
+                jax.clear_caches()  # the module is unchanged: recompile under the new setting
+                time_setting(target, prompts, setting, results)
             if FLAGS.out:  # after every setting: a run cut short keeps what it measured
                 with open(FLAGS.out, "w") as f:
                     json.dump(results, f, indent=1)
+
+
+def time_setting(target, prompts, setting: str, results: dict) -> None:
+    """The step times of --chains under the knobs in force, into `results`."""
+    try:  # a kernel this card or cuDNN lacks is recorded, and the others still run
+        prefill = limits.prefill_seconds(target.module, target.params, prompts)
+        for chain in map(int, FLAGS.chains):
+            if chain == 0:
+                ms = 1e3 * limits.ar_step_seconds(
+                    target.module, target.params, prompts, new_tokens=FLAGS.new_tokens,
+                    prefill=prefill)
+                results["ar_ms"][setting] = ms
+            else:
+                ms = 1e3 * limits.spec_step_seconds(
+                    target.module, target.params, prompts, PromptLookup(), None,
+                    Tree.chain(chain), new_tokens=FLAGS.new_tokens, prefill=prefill)
+                results["spec_ms"][f"{setting}, chain {chain}"] = ms
+            print(f"{setting}, chain {chain}: step {ms:.3f} ms", flush=True)
+    except Exception as e:  # pylint: disable=broad-except
+        results.setdefault("errors", {})[setting] = f"{type(e).__name__}: {e}"[:2000]
+        print(f"{setting}: {type(e).__name__}: {e}"[:2000], flush=True)
 
 
 if __name__ == "__main__":

@@ -144,13 +144,19 @@ def random_drafter(target, num_masks: int) -> str:
 
 def main(argv):
     del argv
-    llama.MULTIPLY_SUM_PAIRS = FLAGS.multiply_sum_pairs
-    llama.MULTIPLY_SUM_QUERIES = FLAGS.multiply_sum_queries
-    llama.MATMUL_ATTENTION = FLAGS.matmul_attention
+    knobs = dict(multiply_sum_pairs=FLAGS.multiply_sum_pairs,
+                 multiply_sum_queries=FLAGS.multiply_sum_queries,
+                 matmul_attention=FLAGS.matmul_attention,
+                 gemm_pad_min_weights=FLAGS.gemm_pad_min_weights,
+                 kernel_min_rows=FLAGS.kernel_min_rows)
     if FLAGS.gemm_min_rows:
-        llama.GEMM_MIN_ROWS = {jax.default_backend(): FLAGS.gemm_min_rows}
-    llama.GEMM_PAD_MIN_WEIGHTS = FLAGS.gemm_pad_min_weights
-    attention_kernel.MIN_QUERY_ROWS = FLAGS.kernel_min_rows
+        knobs["gemm_min_rows"] = FLAGS.gemm_min_rows
+    with llama.numerics_as(**knobs):
+        evaluate()
+
+
+def evaluate():
+    """The benchmark under the numerics `main` set: methods, target, questions, outputs."""
     names = [m for m in FLAGS.methods.split(",") if m]
     unknown = sorted(n for n in set(names) if not specbench.is_known(n))
     if unknown:

@@ -122,6 +122,8 @@ def test_attention_paths_agree(monkeypatch):
     before = llama.numerics()
     with llama.numerics_as(kernel_min_rows=128, gemm_min_rows=16):  # set for the block only
         assert (attention_kernel.MIN_QUERY_ROWS, llama.gemm_min_rows()) == (128, 16)
+        with llama.numerics_as(multiply_sum_pairs=None):  # None: the per-form default
+            assert llama.multiply_sum_pairs("pallas") == 0
     assert llama.numerics() == before
     for bad in (dict(kernel_min_rows=24), dict(matmul_attention="flash"), dict(gemm_min_rows="x")):
         with pytest.raises(ValueError, match=f"{next(iter(bad))}=.*it takes"):

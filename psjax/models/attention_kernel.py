@@ -34,12 +34,12 @@ BLOCK_K = 64
 # and a verify pass compute a row alike (`eval_specbench.py --kernel_min_rows`, issue 3's
 # exactness probe; on a GPU the dot's instruction may follow the tile).
 MIN_QUERY_ROWS = 16
+_NEG = -1e30  # masked scores: finite, so a fully masked chunk gives exp(0) nowhere (see _kernel)
 
 
 def is_tile_rows(n: int) -> bool:
     """Whether n query rows can be a program's tile (MIN_QUERY_ROWS' values)."""
     return n >= 16 and n & (n - 1) == 0
-_NEG = -1e30  # masked scores: finite, so a fully masked chunk gives exp(0) nowhere (see _kernel)
 
 
 def _dot(a: jax.Array, b: jax.Array, b_contracting: int, precision) -> jax.Array:

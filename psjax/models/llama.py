@@ -253,7 +253,8 @@ _THIS = sys.modules[__name__]
 # numerics()'s names -> (module, attribute, how a value is stored there)
 _KNOBS = {
     "matmul_attention": (_THIS, "MATMUL_ATTENTION", str),
-    "multiply_sum_pairs": (_THIS, "MULTIPLY_SUM_PAIRS", int),
+    "multiply_sum_pairs": (_THIS, "MULTIPLY_SUM_PAIRS",
+                           lambda pairs: None if pairs is None else int(pairs)),
     "multiply_sum_queries": (_THIS, "MULTIPLY_SUM_QUERIES", int),
     "gemm_min_rows": (_THIS, "GEMM_MIN_ROWS", lambda rows: {jax.default_backend(): int(rows)}),
     "gemm_pad_min_weights": (_THIS, "GEMM_PAD_MIN_WEIGHTS", int),
