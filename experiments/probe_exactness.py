@@ -13,6 +13,9 @@ template). On the GPU, from the repository root:
     PYTHONPATH=.:/tmp/site python3 experiments/probe_exactness.py --out /tmp/out/exactness.json \\
         --configs 'default;gemm_min_rows=16,gemm_pad_min_weights=0;gemm_min_rows=16,gemm_pad_min_weights=0,kernel_min_rows=64'
 
+`--step_rows 9` runs each one-token step as a 9-row pass (the token and 8 copies), the shapes of
+the verify pass, as `autoregressive.generate(step_rows=9)` does.
+
 CPU smoke run: `--shape smollm2-135m --prompt_tokens 16 --new_tokens 18 --configs default`.
 """
 
@@ -40,6 +43,8 @@ flags.DEFINE_string("questions", spec_bench.DEFAULT_PATH, "--target: the prompt 
                     "question's first turn")
 flags.DEFINE_integer("new_tokens", 252, "greedy tokens compared (whole verify passes of --t)")
 flags.DEFINE_integer("t", 9, "path tokens a verify pass (9: an 8-node chain and its bonus)")
+flags.DEFINE_integer("step_rows", 1, "each one-token step a pass of this many rows, the token "
+                     "in the first (--t: the verify pass's shapes)", lower_bound=1)
 flags.DEFINE_string("configs", "default", "';'-separated settings, each 'default' or "
                     "'knob=value,...' with llama.numerics()'s knob names")
 flags.DEFINE_string("out", "", "JSON file for the results (optional)")
@@ -79,7 +84,8 @@ def main(argv):
         with llama.numerics_as(**knobs):
             jax.clear_caches()  # the module is unchanged: retrace under these knobs
             row = {"numerics": llama.numerics(), **exactness.compare(
-                target.module, target.params, prompt, FLAGS.new_tokens, FLAGS.t)}
+                target.module, target.params, prompt, FLAGS.new_tokens, FLAGS.t,
+                step_rows=FLAGS.step_rows)}
         results["configs"][text] = row
         print(text, json.dumps({k: row[k] for k in exactness.LAYOUTS}), flush=True)
         if FLAGS.out:  # after every setting: a run cut short keeps what it measured

@@ -187,6 +187,22 @@ def test_exactness_probe_layouts_compute_the_same():
         exactness.compare(target.module, target.params, prompt, new_tokens=3, t=4)
 
 
+def test_exactness_probe_wide_steps_are_bitwise_on_the_cpu():
+    """In bfloat16 one-row steps round apart from verify passes of t rows; steps run as t-row
+    passes (`step_rows`, the shapes of the verify pass) give the chain's logits bit for bit on
+    XLA's CPU backend (autoregressive.generate(step_rows=...) rests on this)."""
+    target = random_target(ModelConfig.from_hf_dict(TINY), seed=3, scale=8.0, dtype="bfloat16")
+    prompt = [5, 17, 5, 17, 40, 2, 9, 71, 33, 5]
+    one_row = exactness.compare(target.module, target.params, prompt, new_tokens=8, t=4,
+                                layouts=("chain",))
+    wide = exactness.compare(target.module, target.params, prompt, new_tokens=8, t=4,
+                             layouts=("chain",), step_rows=4)
+    assert one_row["chain"]["bitwise_equal"] < 8  # the teeth: one row rounds apart
+    assert wide["step_rows"] == 4 and wide["chain"]["bitwise_equal"] == 8
+    with pytest.raises(ValueError, match="step_rows=0"):
+        exactness.compare(target.module, target.params, prompt, new_tokens=8, t=4, step_rows=0)
+
+
 def test_probe_exactness_cli(tmp_path):
     """experiments/probe_exactness.py on SmolLM2's shape with random weights, two settings; a
     knob it does not know is named before anything compiles."""

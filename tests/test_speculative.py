@@ -94,6 +94,47 @@ def test_tiny_greedy_lossless_through_the_attention_kernel(tiny, tree, monkeypat
     assert traced  # the verify passes went through the kernel
 
 
+@pytest.fixture(scope="module")
+def tiny_bf16(tiny):
+    """The tiny target and draft model in bfloat16, where verify passes round apart."""
+    def cast(module, params):
+        return (module.clone(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
+                jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    return (*cast(*tiny[:2]), *cast(*tiny[2:]))
+
+
+@pytest.mark.parametrize("drafter,tree", [("prompt_lookup", "chain8"),
+                                          ("lookup_then_draft", "tree_3_2_1")])
+def test_tiny_bfloat16_greedy_equals_autoregressive_at_the_verify_width(tiny_bf16, drafter,
+                                                                        tree):
+    """In bfloat16 a verify pass of T rows rounds apart from a one-token step, so greedy output
+    parts from one-row autoregressive decoding at near-ties (it does here: the test's teeth);
+    it equals, token for token, autoregressive decoding whose steps are T-row passes
+    (step_rows = T: the same shapes), batch 4 of different lengths."""
+    module, params, *_ = tiny_bf16
+    drafter, drafter_params = _drafters(tiny_bf16)[drafter]
+    tree = {**TREES, "chain8": Tree.chain(8)}[tree]
+    rows = tree.num_nodes + 1
+    rs = np.random.RandomState(0)
+    prompts = [rs.randint(0, 64, n).tolist() for n in (5, 17, 9, 30, 12, 23, 7, 38)]
+    parted = 0
+    for batch in (prompts[:4], prompts[4:]):
+        kw = dict(max_new_tokens=48, eos_ids=(7,))
+        one_row = autoregressive.generate(module, params, batch, **kw).sequences()
+        wide = autoregressive.generate(module, params, batch, step_rows=rows, **kw).sequences()
+        out = speculative.generate(module, params, batch, drafter=drafter,
+                                   drafter_params=drafter_params, tree=tree, **kw)
+        assert out.sequences() == wide
+        parted += sum(a != b for a, b in zip(one_row, wide))
+    assert parted > 0  # else the two autoregressive forms agree and equality proves nothing
+
+
+def test_bad_step_rows(tiny):
+    module, params, *_ = tiny
+    with pytest.raises(ValueError, match="step_rows must be >= 1"):
+        autoregressive.generate(module, params, [[1]], max_new_tokens=4, step_rows=0)
+
+
 def test_prompt_lookup_continuations_by_recency():
     # Row 0's tail "1 2" matches at 0 and 3 (3 is the latest): rank 0 continues with 9 5, rank 1
     # with 3 1; row 1's "8" matches nowhere earlier (no continuation).

@@ -9,7 +9,9 @@ then feeds the same tokens again as verify passes of T tokens and compares each 
 logits. Layouts: "chain" (the T tokens in slot order, as prompt lookup's chain) and "tree" (the
 path at every other slot with a decoy sibling between, then moved into place by
 `KVCache.gather_new`, as tree verification does). Both run the model's own cached passes inside
-`lax.scan`, as the decoding loops run them inside `while_loop`.
+`lax.scan`, as the decoding loops run them inside `while_loop`. `step_rows` makes each one-token
+step a pass of that many rows (`common.step_pass`): at the verify pass's T rows the two have the
+same shapes (on the CPU the chain's logits are then bitwise equal).
 """
 
 from __future__ import annotations
@@ -27,17 +29,19 @@ from psjax.models.llama import Transformer
 LAYOUTS = ("chain", "tree")
 
 
-@functools.partial(jax.jit, static_argnames=("module", "steps", "cache_length"))
-def _one_token_steps(module: Transformer, params, prompt, *, steps: int, cache_length: int):
+@functools.partial(jax.jit, static_argnames=("module", "steps", "rows", "cache_length"))
+def _one_token_steps(module: Transformer, params, prompt, *, steps: int, rows: int,
+                     cache_length: int):
     """Greedy one-token steps after the prompt [1, P]: the ids [N] and the logits [N, V] each
-    step computed (after feeding id i: the logits that pick id i + 1)."""
+    step computed (after feeding id i: the logits that pick id i + 1), each step a pass of
+    `rows` rows (`common.step_pass`)."""
     cache = KVCache.create(module.config, 1, cache_length, module.dtype)
     logits, _, cache = common.prefill(module, params, prompt, jnp.array([prompt.shape[1]]), cache)
 
     def step(carry, _):
         cache, logits = carry
         token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [1]
-        out = module.apply({"params": params}, token[:, None], cache.lengths[:, None], cache)
+        out = common.step_pass(module, params, token, cache, rows)
         carry = (out.cache.commit(jnp.ones(1, jnp.int32)), out.logits[:, 0])
         return carry, (token[0], out.logits[0, 0])
 
@@ -88,20 +92,23 @@ def _verify_passes(module: Transformer, params, prompt, ids, *, t: int, layout: 
 
 
 def compare(module: Transformer, params, prompt: list[int], new_tokens: int, t: int,
-            layouts=LAYOUTS) -> dict:
-    """One-token steps against verify passes of `t` tokens over `new_tokens` greedy tokens
-    (rounded down to whole passes) after `prompt`. Per layout: positions compared, how many
-    have bitwise-equal logits and the same argmax, the largest |difference| and its mean over
-    positions."""
+            layouts=LAYOUTS, step_rows: int = 1) -> dict:
+    """One-token steps (each a pass of `step_rows` rows, the token in the first) against verify
+    passes of `t` tokens over `new_tokens` greedy tokens (rounded down to whole passes) after
+    `prompt`. Per layout: positions compared, how many have bitwise-equal logits and the same
+    argmax, the largest |difference| and its mean over positions."""
     steps = new_tokens - new_tokens % t
     if steps < t:
         raise ValueError(f"new_tokens={new_tokens} gives no whole verify pass of t={t} tokens")
     tokens = jnp.asarray([prompt], jnp.int32)
-    cache_length = common.default_cache_length(len(prompt), steps, 2 * t)
-    ids, want = _one_token_steps(module, params, tokens, steps=steps, cache_length=cache_length)
+    if step_rows < 1:
+        raise ValueError(f"step_rows={step_rows}: a step feeds at least its one token")
+    cache_length = common.default_cache_length(len(prompt), steps, max(2 * t, step_rows))
+    ids, want = _one_token_steps(module, params, tokens, steps=steps, rows=step_rows,
+                                 cache_length=cache_length)
     # Position i's one-token logits came after feeding ids[i]; a verify pass's path node i
     # is ids[i] too, so the two line up.
-    out = {"positions": steps, "t": t, "prompt_tokens": len(prompt)}
+    out = {"positions": steps, "t": t, "step_rows": step_rows, "prompt_tokens": len(prompt)}
     for layout in layouts:
         got = _verify_passes(module, params, tokens, ids, t=t, layout=layout,
                              cache_length=cache_length)

@@ -2,6 +2,15 @@
 
 Prefill in one pass, then one token per step inside a single jitted `lax.while_loop`; the cache is
 donated and nothing returns to the host until the batch is done.
+
+`step_rows` > 1 makes every step a pass of that many rows, the token in the first and copies of
+it after, whose cache entries the next step overwrites (`common.step_pass`): the shapes of a
+verify pass over that many tokens. In bfloat16 a verify pass of T rows rounds apart from a
+one-row step, so greedy speculative output parts from the one-row loop's (the faster one, which
+speedups are measured against) at near-ties; at step_rows = T every product, reduction and
+kernel tile has the verify pass's shape, and on the CPU the speculative output equals this
+loop's token for token (tests/test_speculative.py; XLA's CPU backend rounds any few rows alike,
+one row apart). Whether a GPU does too: `experiments/probe_exactness.py --step_rows T` (issue 3).
 """
 
 from __future__ import annotations
@@ -37,10 +46,10 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "sampling", "eos_ids",
-                                             "pad_id", "cache_length", "cache_dtype"))
+                                             "pad_id", "cache_length", "cache_dtype", "step_rows"))
 def _generate(module: Transformer, params, tokens, lengths, rng, *, max_new_tokens: int,
               sampling: Sampling, eos_ids: tuple[int, ...], pad_id: int, cache_length: int,
-              cache_dtype):
+              cache_dtype, step_rows: int):
     b = tokens.shape[0]
     # Created inside the jit: the cache never exists on the host and is updated in place.
     cache = KVCache.create(module.config, b, cache_length, cache_dtype)
@@ -61,8 +70,7 @@ def _generate(module: Transformer, params, tokens, lengths, rng, *, max_new_toke
             jnp.where(live, token, s.output[jnp.arange(b), s.num_generated]), mode="drop")
         num_generated = s.num_generated + live
         done = s.done | (live & is_eos(token, eos_ids)) | (num_generated >= max_new_tokens)
-        positions = s.cache.lengths[:, None]
-        out = module.apply({"params": params}, token[:, None], positions, s.cache)
+        out = common.step_pass(module, params, token, s.cache, step_rows)
         return State(cache=out.cache.commit(live), logits=out.logits[:, 0], output=output,
                      num_generated=num_generated, done=done, step=s.step + 1, rng=rng)
 
@@ -74,16 +82,25 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, sampling: Sampling = GREEDY, eos_ids: Sequence[int] = (),
              cache_length: int | None = None, rng: jax.Array | None = None,
              cache_dtype=None, pad_id: int = 0,
-             prompt_width: int | Sequence[int] | None = None) -> common.Generation:
-    """Decodes a batch of token-id prompts (different lengths allowed) token by token."""
+             prompt_width: int | Sequence[int] | None = None,
+             step_rows: int = 1) -> common.Generation:
+    """Decodes a batch of token-id prompts (different lengths allowed) token by token, each
+    step a pass of `step_rows` rows (module docstring)."""
+    if step_rows < 1:
+        raise ValueError(f"step_rows must be >= 1 (a step feeds its token), got {step_rows}")
     tokens, lengths = common.pad_prompts(prompts, pad_id, prompt_width)
+    # A wide step writes step_rows slots; reserved as the speculative loop reserves a T-row
+    # verify pass's (T slots), so that both get the same cache length, hence the same shapes.
+    lookahead = step_rows if step_rows > 1 else 0
     if cache_length is None:
-        cache_length = common.default_cache_length(int(tokens.shape[1]), max_new_tokens)
-    common.check_capacity(lengths, tokens.shape[1], max_new_tokens, cache_length)
+        cache_length = common.default_cache_length(int(tokens.shape[1]), max_new_tokens,
+                                                   lookahead)
+    common.check_capacity(lengths, tokens.shape[1], max_new_tokens, cache_length, lookahead)
     output, num_generated, steps = _generate(
         module, params, jnp.asarray(tokens), jnp.asarray(lengths),
         common.default_rng() if rng is None else rng, max_new_tokens=max_new_tokens,
         sampling=sampling, eos_ids=tuple(sorted(eos_ids)), pad_id=pad_id,
-        cache_length=cache_length, cache_dtype=jnp.dtype(cache_dtype or module.dtype))
+        cache_length=cache_length, cache_dtype=jnp.dtype(cache_dtype or module.dtype),
+        step_rows=step_rows)
     output, num_generated, steps = jax.device_get((output, num_generated, steps))  # one wait
     return common.Generation(output, num_generated, int(steps))

@@ -87,6 +87,14 @@ def prefill(module: Transformer, params, tokens: jax.Array, lengths: jax.Array,
     return out.logits[:, 0], out.features, out.cache.replace(lengths=lengths)
 
 
+def step_pass(module: Transformer, params, token: jax.Array, cache: KVCache, rows: int = 1):
+    """A decoding step's target pass: `token` [B] at each row's next position, as a pass of
+    `rows` rows (the token, then copies of it whose cache entries the next step overwrites: a
+    verify pass's shapes; psjax.decoding.autoregressive says why). The cache is not committed."""
+    positions = cache.lengths[:, None] + jnp.arange(rows)[None]
+    return module.apply({"params": params}, jnp.tile(token[:, None], (1, rows)), positions, cache)
+
+
 @dataclasses.dataclass
 class Generation:
     """What a generate call returns, on the host."""
