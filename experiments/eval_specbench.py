@@ -2,6 +2,8 @@
 
 Methods (`--methods`, comma list, run in this order after `ar`, which always runs first):
   ar                 psjax autoregressive (the baseline: speedup 1.00)
+  ar_rowsN           psjax autoregressive, each step a pass of N rows (the token and N - 1
+                     copies): the shapes of a verify pass over N tokens; --reference
   pld                psjax prompt lookup, a chain of --pld_k drafts
   pld_tree           psjax prompt lookup, --pld_tree_width chains of --pld_k (one per match)
   sps                psjax draft-model speculative decoding (--draft, chain of --sps_k)
@@ -19,6 +21,11 @@ Methods (`--methods`, comma list, run in this order after `ar`, which always run
   hf_pld             transformers prompt lookup (prompt_lookup_num_tokens=--hf_pld_k)
   hf_assisted        transformers assisted generation with --draft (same tokenizer only)
 The protocol, the correctness check and the outputs are described in psjax/bench/specbench.py.
+
+bfloat16 and the check: a verify pass of N rows rounds apart from a one-token step, so greedy
+speculative output can part from `ar`'s at near-ties; it does not part from `ar_rowsN`'s where N
+is its verify pass's rows (tree nodes + 1: pld --pld_k 8 -> ar_rows9). `--reference ar_rows9`
+checks every method against that (ar_rows9 itself against ar); speedups stay over ar.
 
 Outputs under --out_dir (rewritten after every method, so a run cut short keeps what finished):
 questions.jsonl (one line per question, turn and method), summary.json, chart.png; the markdown
@@ -127,6 +134,12 @@ flags.DEFINE_integer("kernel_min_rows", attention_kernel.MIN_QUERY_ROWS, "psjax:
                      "power of two >= 16; attention_kernel.MIN_QUERY_ROWS)")
 flags.register_validator("kernel_min_rows", attention_kernel.is_tile_rows,
                          "--kernel_min_rows must be a power of two, at least 16")
+flags.DEFINE_string("reference", specbench.BASELINE, "the method the others are checked "
+                    "against, token for token: ar, or ar_rowsN (added after ar when missing "
+                    "from --methods)")
+flags.register_validator("reference", lambda name: name == specbench.BASELINE
+                         or specbench.ar_rows(name) is not None,
+                         f"--reference must be {specbench.BASELINE} or ar_rowsN")
 flags.DEFINE_string("out_dir", "/tmp/psjax_specbench", "where the outputs go")
 
 
@@ -162,7 +175,8 @@ def evaluate():
     if unknown:
         raise app.UsageError(f"unknown methods {unknown}; known: {list(specbench.METHODS)}, "
                              f"{specbench.NAMING}")
-    names = [specbench.BASELINE] + [m for m in dict.fromkeys(names) if m != specbench.BASELINE]
+    first = list(dict.fromkeys([specbench.BASELINE, FLAGS.reference]))  # the reference second
+    names = first + [m for m in dict.fromkeys(names) if m not in first]
     if FLAGS.dtype == "float32":  # true float32 matmuls (GPUs default to TF32): the exact check
         jax.config.update("jax_default_matmul_precision", "highest")
     hf_dir = hf_baselines.resolve_model(FLAGS.target)
@@ -196,7 +210,8 @@ def evaluate():
     tok = target.tokenizer
     questions = spec_bench.load_questions(FLAGS.questions, FLAGS.limit or None)
     info = dict(card=card(), target=FLAGS.target, command="python " + " ".join(sys.argv),
-                settings=dict(jax=jax.__version__, dtype=FLAGS.dtype, **llama.numerics()))
+                settings=dict(jax=jax.__version__, dtype=FLAGS.dtype, reference=FLAGS.reference,
+                              **llama.numerics()))
 
     def save(records, failures):
         summary = specbench.summarize(records, **info, failures={**skipped, **failures})
@@ -210,6 +225,7 @@ def evaluate():
         judge=specbench.Float32Judge(load_float32, FLAGS.mismatch_gap, target.module.dtype,
                                      FLAGS.mismatch_ulps),
         warmup=FLAGS.warmup, check=sampling.greedy, keep_text=FLAGS.text,
+        reference=FLAGS.reference,
         log=lambda s: print(s, flush=True), on_method_done=save)
     table = save(records, failures)
     print(f"\noutputs in {FLAGS.out_dir}\n\n{table}")

@@ -58,6 +58,16 @@ class Planted(specbench.Method):
         return out
 
 
+class Renamed(specbench.Method):
+    """Another method's output under a name: planted (token 2 changed) or as it came."""
+
+    def __init__(self, name, inner):
+        self.name, self.inner = name, inner
+
+    def generate(self, prompt):
+        return self.inner.generate(prompt)
+
+
 class Broken(specbench.Method):
     name = "broken"
 
@@ -153,6 +163,32 @@ def test_planted_divergence_judged(run):
     assert summary["methods"]["planted"]["overall"]["divergences"] == 4
     assert loads == [1]  # the float32 model loads once, on the first divergence
     assert failures == {"broken": "RuntimeError: boom"}
+
+
+def test_reference_ar_rows(tmp_path):
+    """`reference="ar_rowsN"`: that method (autoregressive, N-row steps) runs second, is checked
+    against ar, and every later method is checked against it instead of ar."""
+    _, path = tiny_models.make("llama_gqa_untied", vocab_size=VOCAB)
+    config, params = hf.load_hf_dir(path)
+    target = Target(Transformer(config), params)
+    opts = specbench.Options(max_new_tokens=N_NEW, dtype="float32", pld_k=3)
+    (ar, ar_rows4, pld), _ = specbench.make_methods(["ar", "ar_rows4", "pld"], target, path, opts)
+    assert (ar.step_rows, ar_rows4.step_rows) == (1, 4) and specbench.ar_rows("ar_rows4") == 4
+    assert specbench.ar_rows("ar") is None and not specbench.is_known("ar_rows0")
+    reference = Renamed("ar_rows4", Planted(ar))  # a reference that parts from ar at token 2
+    methods = [ar, reference, Renamed("as_ar", ar), Renamed("as_reference", Planted(ar))]
+    judge = specbench.Float32Judge(lambda: (target.module, params))
+    kw = dict(prompt_fn=prompt_fn, decode=decode, judge=judge, log=lambda s: None)
+    records, _ = specbench.evaluate(QUESTIONS, methods, reference="ar_rows4", **kw)
+    diverged = {m.name: sum(r["diverged"] for r in records if r["method"] == m.name)
+                for m in methods}
+    assert diverged == {"ar": 0, "ar_rows4": 4, "as_ar": 4, "as_reference": 0}
+    records, _ = specbench.evaluate(QUESTIONS[1:], [ar, ar_rows4, pld], reference="ar_rows4",
+                                    **kw)
+    assert not any(r["diverged"] for r in records)  # float32: the widths agree
+    for bad in ([ar, pld, ar_rows4], [ar, pld]):
+        with pytest.raises(ValueError, match="ar_rowsN method run right after it"):
+            specbench.evaluate(QUESTIONS, bad, reference="ar_rows4", **kw)
 
 
 def test_first_difference():

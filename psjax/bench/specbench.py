@@ -17,7 +17,10 @@ in memory at a time. Multi-turn (MT-bench) questions: the second turn is conditi
 BASELINE's first answer (its decoded text) for every method, so all methods see identical
 prompts and their outputs can be compared token for token.
 
-Correctness: a method's tokens are compared with the baseline's for the same turn; a turn whose
+Correctness: a method's tokens are compared with the reference's for the same turn (the
+baseline's, or with `reference=ar_rowsN` those of autoregressive decoding whose steps are passes
+of N rows: a verify pass's shapes, which greedy speculative decoding with N-row verify passes
+reproduces bit for bit in bfloat16 too; `psjax.decoding.autoregressive`); a turn whose
 tokens differ is a divergence (at most one per turn: after the first differing token the two
 continue from different contexts). A divergence is a mismatch unless it is a near-tie: the target
 in float32 (a float32 copy of the weights, loaded once, only when the first divergence needs it)
@@ -69,17 +72,24 @@ PSJAX_METHODS = ("ar", "pld", "pld_tree", "sps", "parallelspec", "parallelspec_t
 HF_METHODS = ("hf_generate", "hf_static_compiled", "hf_pld", "hf_assisted")
 METHODS = PSJAX_METHODS + HF_METHODS
 _PS_CHAIN = re.compile(r"parallelspec_k([1-9]\d*)")  # parallelspec_k4: a chain of 4 drafts
+_AR_ROWS = re.compile(r"ar_rows([1-9]\d*)")  # ar_rows9: autoregressive, steps of 9 rows
 # parallelspec_lookup_n8: the 8-node tree of --ps_lookup_tree's design_tree.py file (tree sizes
 # side by side; parallelspec_tree_nN likewise from --ps_tree's)
 _PS_SIZED = re.compile(r"(parallelspec_tree|parallelspec_lookup)_n([1-9]\d*)")
 NAMING = ("parallelspec_kN (a chain of N drafts), parallelspec_tree_nN and "
           "parallelspec_lookup_nN (the N-node tree of --ps_tree's / --ps_lookup_tree's "
-          "design_tree.py file)")
+          "design_tree.py file), ar_rowsN (autoregressive, each step a pass of N rows)")
+
+
+def ar_rows(name: str) -> int | None:
+    """N for `ar_rowsN` (autoregressive decoding, each step a pass of N rows), else None."""
+    match = _AR_ROWS.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 def is_known(name: str) -> bool:
     return (name in METHODS or _PS_CHAIN.fullmatch(name) is not None
-            or _PS_SIZED.fullmatch(name) is not None)
+            or _PS_SIZED.fullmatch(name) is not None or ar_rows(name) is not None)
 MISMATCH_GAP = 0.05
 
 
@@ -115,18 +125,23 @@ class Method:
 
 
 class PsjaxMethod(Method):
-    """psjax's autoregressive loop (no drafter) or its speculative engine."""
+    """psjax's autoregressive loop (no drafter; its steps passes of `step_rows` rows) or its
+    speculative engine."""
 
     def __init__(self, name: str, module: Transformer, params, *, max_new_tokens: int,
                  eos_ids: Sequence[int], sampling: Sampling = GREEDY,
                  drafter: Drafter | None = None, drafter_params=None, tree: Tree | None = None,
-                 pad_id: int = 0, prompt_width: int | Sequence[int] | None = None):
+                 pad_id: int = 0, prompt_width: int | Sequence[int] | None = None,
+                 step_rows: int = 1):
         if (drafter is None) != (tree is None):
             raise ValueError("a speculative method needs both a drafter and a tree")
+        if drafter is not None and step_rows != 1:
+            raise ValueError("step_rows shapes autoregressive steps; a speculative method's "
+                             "passes have its tree's rows")
         self.name, self.module, self.params = name, module, params
         self.max_new_tokens, self.eos_ids, self.sampling = max_new_tokens, tuple(eos_ids), sampling
         self.drafter, self.drafter_params, self.tree = drafter, drafter_params, tree
-        self.pad_id, self.prompt_width = pad_id, prompt_width
+        self.pad_id, self.prompt_width, self.step_rows = pad_id, prompt_width, step_rows
 
     def shape_key(self, prompt):
         # The jit specialises on the padded prompt width (a power of two, or the one of
@@ -140,7 +155,8 @@ class PsjaxMethod(Method):
                   eos_ids=self.eos_ids, pad_id=self.pad_id, prompt_width=self.prompt_width,
                   rng=rng)
         if self.drafter is None:
-            return timed(autoregressive.generate, self.module, self.params, prompts, **kw)
+            return timed(autoregressive.generate, self.module, self.params, prompts,
+                         step_rows=self.step_rows, **kw)
         return timed(speculative.generate, self.module, self.params, prompts,
                      drafter=self.drafter, drafter_params=self.drafter_params, tree=self.tree,
                      **kw)
@@ -253,8 +269,9 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
             raise ValueError(f"{name} needs a draft model (--draft)")
         if name.startswith("parallelspec") and not opts.drafter_dir:
             raise ValueError(f"{name} needs a trained ParallelSpec drafter (--drafter)")
-        if name == "ar":
-            methods.append(PsjaxMethod(name, target.module, target.params, **psjax_kw))
+        if name == "ar" or ar_rows(name):
+            methods.append(PsjaxMethod(name, target.module, target.params,
+                                       step_rows=ar_rows(name) or 1, **psjax_kw))
         elif name in ("pld", "pld_tree"):
             tree = (Tree.chain(opts.pld_k) if name == "pld"
                     else pld_tree(opts.pld_k, opts.pld_tree_width))
@@ -371,7 +388,7 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
              prompt_fn: Callable[[list[str], list[str]], list[int]],
              decode: Callable[[list[int]], str], judge: Float32Judge | None,
              warmup: int = 1, check: bool = True, keep_text: str = "all",
-             log: Callable[[str], None] = print,
+             reference: str = BASELINE, log: Callable[[str], None] = print,
              on_method_done: Callable[[list[dict], dict], None] | None = None
              ) -> tuple[list[dict], dict[str, str]]:
     """Runs every method over every turn of every question -> (per-turn records, {method: error}
@@ -380,26 +397,32 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
     `questions`: dicts with question_id, category (a Spec-Bench display name) and turns.
     `prompt_fn(user_turns, assistant_turns)` -> prompt token ids (the chat template);
     `decode(tokens)` -> text. methods[0] must be the baseline `ar`: it runs first and its first
-    answers condition every method's second turns. `check`: compare with the baseline (greedy
-    only). `keep_text`: "all", or "diverged" (a method's text only where it parts from the
-    baseline's; the baseline's always)."""
+    answers condition every method's second turns. `check`: compare with the reference (greedy
+    only): the baseline, or `reference`, an ar_rowsN method that must run second (it is checked
+    against the baseline; the methods after it against it). `keep_text`: "all", or "diverged"
+    (a method's text only where it parts from the reference's; the baseline's always)."""
     if not methods or methods[0].name != BASELINE:
         raise ValueError(f"the first method must be the baseline {BASELINE!r}")
+    if reference != BASELINE and (ar_rows(reference) is None or len(methods) < 2
+                                  or methods[1].name != reference):
+        raise ValueError(f"reference {reference!r}: the reference is {BASELINE!r} or an "
+                         "ar_rowsN method run right after it")
     if keep_text not in ("all", "diverged"):
         raise ValueError(f"keep_text must be 'all' or 'diverged', got {keep_text!r}")
     if check and judge is None:
         raise ValueError("checking against the baseline needs a Float32Judge")
     prompts: dict[tuple[int, int], list[int]] = {}
-    reference: dict[tuple[int, int], list[int]] = {}
+    reference_tokens: dict[tuple[int, int], list[int]] = {}
     records, failures = [], {}
     for method in methods:
         baseline = method.name == BASELINE
         try:
-            rows = _run_method(method, questions, prompts, reference, prompt_fn=prompt_fn,
-                               decode=decode, judge=judge, warmup=warmup,
-                               check=check and not baseline, keep_text=keep_text, log=log)
+            rows = _run_method(method, questions, prompts, reference_tokens,
+                               prompt_fn=prompt_fn, decode=decode, judge=judge, warmup=warmup,
+                               check=check and not baseline, keep_text=keep_text,
+                               is_reference=method.name == reference, log=log)
         except Exception as e:  # noqa: BLE001 - one method's failure must not stop the rest
-            if baseline:
+            if baseline or method.name == reference:
                 raise
             failures[method.name] = f"{type(e).__name__}: {e}".replace("\n", " ")
             log(f"[{method.name}] FAILED:\n{traceback.format_exc()}")
@@ -413,7 +436,7 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
 
 
 def _run_method(method, questions, prompts, reference, *, prompt_fn, decode, judge, warmup,
-                check, keep_text, log) -> list[dict]:
+                check, keep_text, is_reference, log) -> list[dict]:
     baseline = method.name == BASELINE
     method.setup([] if baseline else list(prompts.values()))
     first = prompts.get((questions[0]["question_id"], 1)) or prompt_fn(
@@ -436,7 +459,6 @@ def _run_method(method, questions, prompts, reference, *, prompt_fn, decode, jud
             out = method.generate(prompt)
             text = decode(out.tokens)
             if baseline:
-                reference[key] = out.tokens
                 answers.append(text)
             row = dict(question_id=q["question_id"], category=q["category"], turn=t + 1,
                        method=method.name, tokens=len(out.tokens), seconds=out.seconds,
@@ -446,6 +468,8 @@ def _run_method(method, questions, prompts, reference, *, prompt_fn, decode, jud
                 row.update(_check(prompt, out.tokens, reference[key], judge))
             elif not baseline:
                 row.update(diverged=None, mismatch=None)
+            if baseline or is_reference:  # an ar_rowsN reference after its own check
+                reference[key] = out.tokens
             if keep_text == "diverged" and not baseline and not row["diverged"]:
                 row["text"] = None
             rows.append(row)
