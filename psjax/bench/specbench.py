@@ -20,7 +20,7 @@ prompts and their outputs can be compared token for token.
 Correctness: a method's tokens are compared with the reference's for the same turn (the
 baseline's, or with `reference=ar_rowsN` those of autoregressive decoding whose steps are passes
 of N rows: a verify pass's shapes, which greedy speculative decoding with N-row verify passes
-reproduces bit for bit in bfloat16 too; `psjax.decoding.autoregressive`); a turn whose
+can reproduce bit for bit in bfloat16 too, `psjax.decoding.autoregressive`); a turn whose
 tokens differ is a divergence (at most one per turn: after the first differing token the two
 continue from different contexts). A divergence is a mismatch unless it is a near-tie: the target
 in float32 (a float32 copy of the weights, loaded once, only when the first divergence needs it)

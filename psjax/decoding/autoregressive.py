@@ -8,9 +8,9 @@ it after, whose cache entries the next step overwrites (`common.step_pass`): the
 verify pass over that many tokens. In bfloat16 a verify pass of T rows rounds apart from a
 one-row step, so greedy speculative output parts from the one-row loop's (the faster one, which
 speedups are measured against) at near-ties; at step_rows = T every product, reduction and
-kernel tile has the verify pass's shape, and on the CPU the speculative output equals this
-loop's token for token (tests/test_speculative.py; XLA's CPU backend rounds any few rows alike,
-one row apart). Whether a GPU does too: `experiments/probe_exactness.py --step_rows T` (issue 3).
+kernel tile has the verify pass's shape: on the CPU a chain's logits are then bitwise equal
+(`experiments/probe_exactness.py --step_rows T`) and the speculative output equals this loop's
+token for token (tests/test_speculative.py). Whether a GPU agrees: the same probe (issue 3).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
         raise ValueError(f"step_rows must be >= 1 (a step feeds its token), got {step_rows}")
     tokens, lengths = common.pad_prompts(prompts, pad_id, prompt_width)
     # A wide step writes step_rows slots; reserved as the speculative loop reserves a T-row
-    # verify pass's (T slots), so that both get the same cache length, hence the same shapes.
+    # verify pass's (T slots), so that a chain's loop and this one get the same cache length.
     lookahead = step_rows if step_rows > 1 else 0
     if cache_length is None:
         cache_length = common.default_cache_length(int(tokens.shape[1]), max_new_tokens,
