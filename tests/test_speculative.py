@@ -27,13 +27,14 @@ TREES = {"chain1": Tree.chain(1), "chain4": Tree.chain(4),
          "tree_3_2_1": Tree.from_branching((3, 2, 1))}
 
 
-def _target_and_draft(vocab_size):
+def _target_and_draft(vocab_size, dtype=jnp.float32):
     _, path = tiny_models.make("llama_gqa_untied", vocab_size=vocab_size)
-    config, params = hf.load_hf_dir(path)
+    config, params = hf.load_hf_dir(path, dtype)
     _, draft_path = tiny_models.make("qwen2_gqa_untied", seed=5, vocab_size=vocab_size,
                                      num_layers=1)
-    draft_config, draft_params = hf.load_hf_dir(draft_path)
-    return Transformer(config), params, Transformer(draft_config), draft_params
+    draft_config, draft_params = hf.load_hf_dir(draft_path, dtype)
+    return (Transformer(config, dtype=dtype, param_dtype=dtype), params,
+            Transformer(draft_config, dtype=dtype, param_dtype=dtype), draft_params)
 
 
 @pytest.fixture(scope="module")
@@ -95,12 +96,9 @@ def test_tiny_greedy_lossless_through_the_attention_kernel(tiny, tree, monkeypat
 
 
 @pytest.fixture(scope="module")
-def tiny_bf16(tiny):
+def tiny_bf16():
     """The tiny target and draft model in bfloat16, where verify passes round apart."""
-    def cast(module, params):
-        return (module.clone(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16),
-                jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
-    return (*cast(*tiny[:2]), *cast(*tiny[2:]))
+    return _target_and_draft(64, jnp.bfloat16)
 
 
 @pytest.mark.parametrize("drafter,tree", [("prompt_lookup", "chain8"),

@@ -101,8 +101,6 @@ def compare(module: Transformer, params, prompt: list[int], new_tokens: int, t: 
     if steps < t:
         raise ValueError(f"new_tokens={new_tokens} gives no whole verify pass of t={t} tokens")
     tokens = jnp.asarray([prompt], jnp.int32)
-    if step_rows < 1:
-        raise ValueError(f"step_rows={step_rows}: a step feeds at least its one token")
     cache_length = common.default_cache_length(len(prompt), steps, max(2 * t, step_rows))
     ids, want = _one_token_steps(module, params, tokens, steps=steps, rows=step_rows,
                                  cache_length=cache_length)

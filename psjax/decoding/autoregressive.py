@@ -86,8 +86,6 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
              step_rows: int = 1) -> common.Generation:
     """Decodes a batch of token-id prompts (different lengths allowed) token by token, each
     step a pass of `step_rows` rows (module docstring)."""
-    if step_rows < 1:
-        raise ValueError(f"step_rows must be >= 1 (a step feeds its token), got {step_rows}")
     tokens, lengths = common.pad_prompts(prompts, pad_id, prompt_width)
     # A wide step writes step_rows slots; reserved as the speculative loop reserves a T-row
     # verify pass's (T slots), so that a chain's loop and this one get the same cache length.

@@ -91,6 +91,8 @@ def step_pass(module: Transformer, params, token: jax.Array, cache: KVCache, row
     """A decoding step's target pass: `token` [B] at each row's next position, as a pass of
     `rows` rows (the token, then copies of it whose cache entries the next step overwrites: a
     verify pass's shapes; psjax.decoding.autoregressive says why). The cache is not committed."""
+    if rows < 1:  # rows is static: this fails while tracing, before anything compiles
+        raise ValueError(f"step_rows must be >= 1 (a step feeds its token), got step_rows={rows}")
     positions = cache.lengths[:, None] + jnp.arange(rows)[None]
     return module.apply({"params": params}, jnp.tile(token[:, None], (1, rows)), positions, cache)
 
