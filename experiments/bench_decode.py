@@ -2,6 +2,9 @@
 
 Methods (`--methods`, run in this order, each failure caught and reported as such):
   psjax_ar            psjax.decoding.autoregressive.generate: prefill + one jitted while_loop.
+  psjax_ar_rowsN      the same, each step a pass of N rows (the token and N - 1 copies:
+                      `generate(step_rows=N)`, eval_specbench's ar_rowsN); on an H200 steps
+                      of 2-9 rows ran faster than one-row steps (README "On H200s (18)").
   hf_generate         transformers `generate(do_sample=False)`, default dynamic cache, eager.
   hf_static_compiled  transformers `generate` with `cache_implementation="static"` and
                       `compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead")`:
@@ -51,6 +54,7 @@ import psjax  # noqa: E402
 from psjax.bench import hf_baselines  # noqa: E402
 from psjax.bench.hf_baselines import count_params, resolve_model  # noqa: E402
 from psjax.bench.timing import device_names as _device_names  # noqa: E402
+from psjax.bench import specbench  # noqa: E402
 from psjax.bench.timing import measure_bandwidth_tbps, time_batches, today  # noqa: E402
 from psjax.data import spec_bench  # noqa: E402
 
@@ -87,11 +91,18 @@ def batches(prompts: list[list[int]], b: int) -> list[list[list[int]]]:
 
 # ---------------------------------------------------------------- methods
 
-def bench_psjax(target, groups, n_new, cache_length, repeats):
+def step_rows(method: str) -> int | None:
+    """Rows a step of a psjax method (psjax_ar: 1, psjax_ar_rowsN: N), None for the others."""
+    if method == "psjax_ar":
+        return 1
+    return specbench.ar_rows(method[len("psjax_"):]) if method.startswith("psjax_") else None
+
+
+def bench_psjax(target, groups, n_new, cache_length, repeats, rows):
     def run(g):
         out = psjax.generate_autoregressive(target.module, target.params, g,
                                             max_new_tokens=n_new, eos_ids=(),
-                                            cache_length=cache_length)
+                                            cache_length=cache_length, step_rows=rows)
         assert (out.num_generated == n_new).all() and out.steps == n_new, out.num_generated
     # Every batch once: the jit specialises on the prompt width (a multiple of 64).
     return time_batches(run, groups, repeats, warmup=groups), {}
@@ -160,8 +171,9 @@ def run_methods(methods, target, hf_dir, prompts, n_new, cache_length) -> list[d
             groups = batches(prompts, b)
             row = {"method": method, "batch": b, "num_batches": len(groups)}
             try:
-                if method == "psjax_ar":
-                    secs, extra = bench_psjax(target, groups, n_new, cache_length, FLAGS.repeats)
+                if step_rows(method):
+                    secs, extra = bench_psjax(target, groups, n_new, cache_length,
+                                              FLAGS.repeats, step_rows(method))
                 else:
                     reps = FLAGS.hf_repeats if method == "hf_generate" else FLAGS.repeats
                     secs, extra = bench_hf(method, hf_dir, FLAGS.dtype, groups, n_new,
@@ -184,15 +196,20 @@ def pad_id_of(target) -> int:
 def main(argv):
     del argv
     methods = [m for m in FLAGS.methods.split(",") if m]
-    if set(methods) - {"psjax_ar", *HF_METHODS}:
-        raise app.UsageError(f"unknown methods in {methods}")
+    unknown = [m for m in methods if m not in HF_METHODS and not step_rows(m)]
+    if unknown:
+        raise app.UsageError(f"unknown methods {unknown}: psjax_ar, psjax_ar_rowsN or "
+                             f"{', '.join(HF_METHODS)}")
     hf_dir = resolve_model(FLAGS.model)
     target = psjax.load_target(hf_dir, dtype=FLAGS.dtype)
     prompts = [target.chat_prompt(turns)
                for turns in spec_bench.first_turns(FLAGS.questions, FLAGS.num_prompts)]
     n_new = FLAGS.max_new_tokens
     longest = -(-max(map(len, prompts)) // 64) * 64  # psjax pads prompts to multiples of 64
-    cache_length = FLAGS.cache_length or max(1024, 256 * -(-(longest + n_new) // 256))
+    # An N-row step writes N slots from the committed end (generate reserves them).
+    lookahead = max(step_rows(m) or 1 for m in methods)
+    cache_length = FLAGS.cache_length or max(
+        1024, 256 * -(-(longest + n_new + lookahead) // 256))
     params = count_params(hf_dir)
     weight_bytes = params * jnp.dtype(FLAGS.dtype).itemsize
     bandwidth = FLAGS.bandwidth_tbps or measure_bandwidth_tbps()

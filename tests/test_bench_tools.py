@@ -168,6 +168,25 @@ def test_bench_grid_runs(tmp_path):
         assert cells["0/2"][method]["rows_differing"] == 0
 
 
+def test_bench_decode_runs(tmp_path):
+    """experiments/bench_decode.py on SmolLM2, psjax's one-row and 3-row autoregressive steps
+    (psjax_ar_rowsN); a method it does not know is named before the model loads."""
+    script = os.path.join(REPO, "experiments", "bench_decode.py")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    bad = subprocess.run([sys.executable, script, "--methods", "psjax_ar,ar_rows3"], cwd=REPO,
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "['ar_rows3']" in bad.stderr and "psjax_ar_rowsN" in bad.stderr
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, script, "--dtype", "float32", "--num_prompts", "2",
+                    "--max_new_tokens", "4", "--batch_sizes", "1", "--repeats", "1",
+                    "--bandwidth_tbps", "1", "--methods", "psjax_ar,psjax_ar_rows3",
+                    "--out", str(out)], check=True, cwd=REPO, env=env)
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["status"]) for r in rows] == [("psjax_ar", "ok"),
+                                                          ("psjax_ar_rows3", "ok")]
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
 def test_exactness_probe_layouts_compute_the_same():
     """psjax.bench.exactness: in float32 the verify passes, as a chain and as a tree with decoy
     siblings moved out of the path, give the one-token steps' logits up to rounding (a wrong
