@@ -24,9 +24,9 @@ The protocol, the correctness check and the outputs are described in psjax/bench
 
 bfloat16 and the check: a verify pass of N rows rounds apart from a one-token step, so greedy
 speculative output can part from `ar`'s at near-ties; `ar_rowsN`, where N is the verify pass's
-rows (tree nodes + 1: pld --pld_k 8 -> ar_rows9), computes with the verify pass's shapes (on the
-CPU a chain then parts from it nowhere). `--reference ar_rows9` checks every method against it
-(ar_rows9 itself against ar); speedups stay over ar.
+rows (tree nodes + 1: pld --pld_k 8 -> ar_rows9), computes with the verify pass's shapes (a
+chain then parted from it nowhere, on the CPU and on 18 questions on an H200). `--reference
+ar_rows9` checks every method against it (ar_rows9 itself against ar); speedups stay over ar.
 
 Outputs under --out_dir (rewritten after every method, so a run cut short keeps what finished):
 questions.jsonl (one line per question, turn and method), summary.json, chart.png; the markdown

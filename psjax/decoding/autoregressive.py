@@ -6,11 +6,13 @@ donated and nothing returns to the host until the batch is done.
 `step_rows` > 1 makes every step a pass of that many rows, the token in the first and copies of
 it after, whose cache entries the next step overwrites (`common.step_pass`): the shapes of a
 verify pass over that many tokens. In bfloat16 a verify pass of T rows rounds apart from a
-one-row step, so greedy speculative output parts from the one-row loop's (the faster one, which
-speedups are measured against) at near-ties; at step_rows = T every product, reduction and
-kernel tile has the verify pass's shape: on the CPU a chain's logits are then bitwise equal
+one-row step, so greedy speculative output parts from the one-row loop's (the one speedups are
+measured against) at near-ties; at step_rows = T every product, reduction and kernel tile has the
+verify pass's shape: on the CPU a chain's logits are then bitwise equal
 (`experiments/probe_exactness.py --step_rows T`) and the speculative output equals this loop's
-token for token (tests/test_speculative.py). Whether a GPU agrees: the same probe (issue 3).
+token for token (tests/test_speculative.py). On an H200 three quarters of a chain's positions
+were bitwise equal, prompt lookup's output equal token for token on 18 Spec-Bench questions, and
+steps of 2-9 rows ran ~10% faster than one-row steps (README "On H200s (18)").
 """
 
 from __future__ import annotations
