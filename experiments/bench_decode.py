@@ -51,10 +51,9 @@ from absl import app, flags  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import psjax  # noqa: E402
-from psjax.bench import hf_baselines  # noqa: E402
+from psjax.bench import hf_baselines, specbench  # noqa: E402
 from psjax.bench.hf_baselines import count_params, resolve_model  # noqa: E402
 from psjax.bench.timing import device_names as _device_names  # noqa: E402
-from psjax.bench import specbench  # noqa: E402
 from psjax.bench.timing import measure_bandwidth_tbps, time_batches, today  # noqa: E402
 from psjax.data import spec_bench  # noqa: E402
 

@@ -218,6 +218,7 @@ def test_exactness_probe_wide_steps_are_bitwise_on_the_cpu():
                              layouts=("chain",), step_rows=4)
     assert one_row["chain"]["bitwise_equal"] < 8  # the teeth: one row rounds apart
     assert wide["step_rows"] == 4 and wide["chain"]["bitwise_equal"] == 8
+    assert wide["chain"]["bitwise_equal_by_index"] == [2, 2, 2, 2]  # two passes of 4
     with pytest.raises(ValueError, match="step_rows=0"):
         exactness.compare(target.module, target.params, prompt, new_tokens=8, t=4, step_rows=0)
 

@@ -95,8 +95,9 @@ def compare(module: Transformer, params, prompt: list[int], new_tokens: int, t: 
             layouts=LAYOUTS, step_rows: int = 1) -> dict:
     """One-token steps (each a pass of `step_rows` rows, the token in the first) against verify
     passes of `t` tokens over `new_tokens` greedy tokens (rounded down to whole passes) after
-    `prompt`. Per layout: positions compared, how many have bitwise-equal logits and the same
-    argmax, the largest |difference| and its mean over positions."""
+    `prompt`. Per layout: positions compared, how many have bitwise-equal logits (also per path
+    index in the pass: which rows of a pass round apart) and the same argmax, the largest
+    |difference| and its mean over positions."""
     steps = new_tokens - new_tokens % t
     if steps < t:
         raise ValueError(f"new_tokens={new_tokens} gives no whole verify pass of t={t} tokens")
@@ -114,6 +115,7 @@ def compare(module: Transformer, params, prompt: list[int], new_tokens: int, t: 
         diff = np.abs(got - want_host).max(axis=-1)
         out[layout] = {
             "bitwise_equal": int((diff == 0).sum()),
+            "bitwise_equal_by_index": (diff == 0).reshape(-1, t).sum(axis=0).tolist(),
             "argmax_equal": int((got.argmax(-1) == want_host.argmax(-1)).sum()),
             "max_abs_diff": float(diff.max()),
             "mean_max_abs_diff": float(diff.mean()),
