@@ -205,8 +205,9 @@ def main(argv):
                for turns in spec_bench.first_turns(FLAGS.questions, FLAGS.num_prompts)]
     n_new = FLAGS.max_new_tokens
     longest = -(-max(map(len, prompts)) // 64) * 64  # psjax pads prompts to multiples of 64
-    # An N-row step writes N slots from the committed end (generate reserves them).
-    lookahead = max(step_rows(m) or 1 for m in methods)
+    # An N-row step writes N slots from the committed end; generate reserves them for N > 1.
+    widest = max(step_rows(m) or 1 for m in methods)
+    lookahead = widest if widest > 1 else 0
     cache_length = FLAGS.cache_length or max(
         1024, 256 * -(-(longest + n_new + lookahead) // 256))
     params = count_params(hf_dir)
