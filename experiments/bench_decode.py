@@ -206,7 +206,7 @@ def main(argv):
     n_new = FLAGS.max_new_tokens
     longest = -(-max(map(len, prompts)) // 64) * 64  # psjax pads prompts to multiples of 64
     # An N-row step writes N slots from the committed end; generate reserves them for N > 1.
-    widest = max(step_rows(m) or 1 for m in methods)
+    widest = max((step_rows(m) or 1 for m in methods), default=1)
     lookahead = widest if widest > 1 else 0
     cache_length = FLAGS.cache_length or max(
         1024, 256 * -(-(longest + n_new + lookahead) // 256))
