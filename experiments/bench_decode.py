@@ -56,6 +56,7 @@ from psjax.bench.hf_baselines import count_params, resolve_model  # noqa: E402
 from psjax.bench.timing import device_names as _device_names  # noqa: E402
 from psjax.bench.timing import measure_bandwidth_tbps, time_batches, today  # noqa: E402
 from psjax.data import spec_bench  # noqa: E402
+from psjax.decoding import common  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,9 +171,9 @@ def run_methods(methods, target, hf_dir, prompts, n_new, cache_length) -> list[d
             groups = batches(prompts, b)
             row = {"method": method, "batch": b, "num_batches": len(groups)}
             try:
-                if step_rows(method):
+                if width := step_rows(method):
                     secs, extra = bench_psjax(target, groups, n_new, cache_length,
-                                              FLAGS.repeats, step_rows(method))
+                                              FLAGS.repeats, width)
                 else:
                     reps = FLAGS.hf_repeats if method == "hf_generate" else FLAGS.repeats
                     secs, extra = bench_hf(method, hf_dir, FLAGS.dtype, groups, n_new,
@@ -205,9 +206,7 @@ def main(argv):
                for turns in spec_bench.first_turns(FLAGS.questions, FLAGS.num_prompts)]
     n_new = FLAGS.max_new_tokens
     longest = -(-max(map(len, prompts)) // 64) * 64  # psjax pads prompts to multiples of 64
-    # An N-row step writes N slots from the committed end; generate reserves them for N > 1.
-    widest = max((step_rows(m) or 1 for m in methods), default=1)
-    lookahead = widest if widest > 1 else 0
+    lookahead = max((common.step_lookahead(step_rows(m) or 1) for m in methods), default=0)
     cache_length = FLAGS.cache_length or max(
         1024, 256 * -(-(longest + n_new + lookahead) // 256))
     params = count_params(hf_dir)

@@ -89,9 +89,7 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
     """Decodes a batch of token-id prompts (different lengths allowed) token by token, each
     step a pass of `step_rows` rows (module docstring)."""
     tokens, lengths = common.pad_prompts(prompts, pad_id, prompt_width)
-    # A wide step writes step_rows slots; reserved as the speculative loop reserves a T-row
-    # verify pass's (T slots), so that a chain's loop and this one get the same cache length.
-    lookahead = step_rows if step_rows > 1 else 0
+    lookahead = common.step_lookahead(step_rows)
     if cache_length is None:
         cache_length = common.default_cache_length(int(tokens.shape[1]), max_new_tokens,
                                                    lookahead)

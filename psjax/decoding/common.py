@@ -87,6 +87,13 @@ def prefill(module: Transformer, params, tokens: jax.Array, lengths: jax.Array,
     return out.logits[:, 0], out.features, out.cache.replace(lengths=lengths)
 
 
+def step_lookahead(rows: int) -> int:
+    """Cache slots reserved past the committed end for steps of `rows` rows (`step_pass`): a
+    wide step's rows, as the speculative loop reserves a T-row verify pass's T, so that a chain's
+    loop and autoregressive decoding at its width get the same cache length; none for one row."""
+    return rows if rows > 1 else 0
+
+
 def step_pass(module: Transformer, params, token: jax.Array, cache: KVCache, rows: int = 1):
     """A decoding step's target pass: `token` [B] at each row's next position, as a pass of
     `rows` rows (the token, then copies of it whose cache entries the next step overwrites: a
