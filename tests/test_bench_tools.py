@@ -26,6 +26,13 @@ TINY = dict(model_type="qwen2", vocab_size=96, hidden_size=32, intermediate_size
             max_position_embeddings=256, tie_word_embeddings=True)
 
 
+def run_experiment(script, *args, env=(), **kwargs):
+    """experiments/<script> with `args` in a subprocess from the repository root (psjax on the
+    path, `env` added to the environment); subprocess.run's keyword arguments pass through."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "experiments", script), *args],
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, **dict(env)), **kwargs)
+
+
 @pytest.mark.parametrize("name", sorted(limits.SHAPES))
 def test_shapes_parse(name):
     config = limits.shape_config(name)
@@ -134,12 +141,11 @@ def test_bench_train_runs(tmp_path):
     reading three target layers (on one CPU device: the 8 fake ones of the other tests only
     slow it down)."""
     out = tmp_path / "train.json"
-    cmd = [sys.executable, os.path.join(REPO, "experiments", "bench_train.py"),
-           "--shape", "smollm2-135m", "--batch_size", "2", "--max_length", "32",
-           "--prompt_length", "8", "--num_anchors", "4", "--num_masks", "1,2", "--steps", "1",
-           "--repeats", "1", "--feature_layers", "2,15,30", "--out", str(out)]
-    subprocess.run(cmd, check=True, cwd=REPO,
-                   env=dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=""))
+    run_experiment("bench_train.py", "--shape", "smollm2-135m", "--batch_size", "2",
+                   "--max_length", "32", "--prompt_length", "8", "--num_anchors", "4",
+                   "--num_masks", "1,2", "--steps", "1", "--repeats", "1",
+                   "--feature_layers", "2,15,30", "--out", str(out),
+                   env={"XLA_FLAGS": ""}, check=True)
     result = json.loads(out.read_text())
     assert {"card", "date", "jax"} <= set(result)  # timing.run_header: the results file's card
     assert result["feature_layers"] == [2, 15, 30]
@@ -151,13 +157,11 @@ def test_bench_train_runs(tmp_path):
 def test_bench_grid_runs(tmp_path):
     """experiments/bench_grid.py on SmolLM2 with the committed drafter, 2 x 2 cells."""
     out = tmp_path / "grid.json"
-    cmd = [sys.executable, os.path.join(REPO, "experiments", "bench_grid.py"),
-           "--target", "smollm2-135m-instruct", "--drafter",
-           os.path.join(REPO, "assets", "drafters", "smollm2-135m-instruct-parallelspec"),
-           "--batch_sizes", "1,2", "--temperatures", "0,1", "--max_new_tokens", "4",
-           "--dtype", "float32", "--methods", "ar,parallelspec,parallelspec_lookup",
-           "--ps_lookup_tree", "2,1", "--out", str(out)]
-    subprocess.run(cmd, check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO))
+    run_experiment("bench_grid.py", "--target", "smollm2-135m-instruct", "--drafter",
+                   os.path.join(REPO, "assets", "drafters", "smollm2-135m-instruct-parallelspec"),
+                   "--batch_sizes", "1,2", "--temperatures", "0,1", "--max_new_tokens", "4",
+                   "--dtype", "float32", "--methods", "ar,parallelspec,parallelspec_lookup",
+                   "--ps_lookup_tree", "2,1", "--out", str(out), check=True)
     result = json.loads(out.read_text())
     assert {"card", "date", "jax"} <= set(result)
     assert result["matmul_attention"] == "chunked"  # the default, "fastest", on a CPU
@@ -171,16 +175,14 @@ def test_bench_grid_runs(tmp_path):
 def test_bench_decode_runs(tmp_path):
     """experiments/bench_decode.py on SmolLM2, psjax's one-row and 3-row autoregressive steps
     (psjax_ar_rowsN); a method it does not know is named before the model loads."""
-    script = os.path.join(REPO, "experiments", "bench_decode.py")
-    env = dict(os.environ, PYTHONPATH=REPO)
-    bad = subprocess.run([sys.executable, script, "--methods", "psjax_ar,ar_rows3"], cwd=REPO,
-                         env=env, capture_output=True, text=True)
+    bad = run_experiment("bench_decode.py", "--methods", "psjax_ar,ar_rows3",
+                         capture_output=True, text=True)
     assert bad.returncode != 0 and "['ar_rows3']" in bad.stderr and "psjax_ar_rowsN" in bad.stderr
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, script, "--dtype", "float32", "--num_prompts", "2",
-                    "--max_new_tokens", "4", "--batch_sizes", "1", "--repeats", "1",
-                    "--bandwidth_tbps", "1", "--methods", "psjax_ar,psjax_ar_rows3",
-                    "--out", str(out)], check=True, cwd=REPO, env=env)
+    run_experiment("bench_decode.py", "--dtype", "float32", "--num_prompts", "2",
+                   "--max_new_tokens", "4", "--batch_sizes", "1", "--repeats", "1",
+                   "--bandwidth_tbps", "1", "--methods", "psjax_ar,psjax_ar_rows3",
+                   "--out", str(out), check=True)
     rows = json.loads(out.read_text())["results"]
     assert [(r["method"], r["status"]) for r in rows] == [("psjax_ar", "ok"),
                                                           ("psjax_ar_rows3", "ok")]
@@ -226,16 +228,14 @@ def test_exactness_probe_wide_steps_are_bitwise_on_the_cpu():
 def test_probe_exactness_cli(tmp_path):
     """experiments/probe_exactness.py on SmolLM2's shape with random weights, two settings; a
     knob it does not know is named before anything compiles."""
-    script = os.path.join(REPO, "experiments", "probe_exactness.py")
-    env = dict(os.environ, PYTHONPATH=REPO)
-    bad = subprocess.run([sys.executable, script, "--configs", "default;gemm_rows=2"], cwd=REPO,
-                         env=env, capture_output=True, text=True)
+    bad = run_experiment("probe_exactness.py", "--configs", "default;gemm_rows=2",
+                         capture_output=True, text=True)
     assert bad.returncode != 0 and "gemm_rows" in bad.stderr and "gemm_min_rows" in bad.stderr
     out = tmp_path / "exactness.json"
-    subprocess.run([sys.executable, script, "--shape", "smollm2-135m", "--dtype", "float32",
-                    "--prompt_tokens", "16", "--new_tokens", "4", "--t", "2",
-                    "--configs", "default;gemm_min_rows=2,gemm_pad_min_weights=0",
-                    "--out", str(out)], check=True, cwd=REPO, env=env)
+    run_experiment("probe_exactness.py", "--shape", "smollm2-135m", "--dtype", "float32",
+                   "--prompt_tokens", "16", "--new_tokens", "4", "--t", "2",
+                   "--configs", "default;gemm_min_rows=2,gemm_pad_min_weights=0",
+                   "--out", str(out), check=True)
     result = json.loads(out.read_text())
     assert {"card", "date", "jax"} <= set(result)
     rows = result["configs"]
