@@ -1,10 +1,11 @@
 """Autoregressive greedy decoding speed: psjax's compiled loop against transformers, side by side.
 
 Methods (`--methods`, run in this order, each failure caught and reported as such):
-  psjax_ar            psjax.decoding.autoregressive.generate: prefill + one jitted while_loop.
+  psjax_ar            psjax.decoding.autoregressive.generate: prefill + one jitted while_loop,
+                      its default step (`default_step_rows`: 4 rows at batch 1 on a GPU).
   psjax_ar_rowsN      the same, each step a pass of N rows (the token and N - 1 copies:
-                      `generate(step_rows=N)`, eval_specbench's ar_rowsN); on an H200 steps
-                      of 2-9 rows ran faster than one-row steps (README "On H200s (18)").
+                      `generate(step_rows=N)`, eval_specbench's ar_rowsN); psjax_ar_rows1 is
+                      the one-row loop (`psjax_ar` in results before README "On H200s (19)").
   hf_generate         transformers `generate(do_sample=False)`, default dynamic cache, eager.
   hf_static_compiled  transformers `generate` with `cache_implementation="static"` and
                       `compile_config=CompileConfig(fullgraph=True, mode="reduce-overhead")`:
@@ -56,7 +57,7 @@ from psjax.bench.hf_baselines import count_params, resolve_model  # noqa: E402
 from psjax.bench.timing import device_names as _device_names  # noqa: E402
 from psjax.bench.timing import measure_bandwidth_tbps, time_batches, today  # noqa: E402
 from psjax.data import spec_bench  # noqa: E402
-from psjax.decoding import common  # noqa: E402
+from psjax.decoding import autoregressive, common  # noqa: E402
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,6 +84,10 @@ HF_METHODS = ("hf_generate", "hf_static_compiled", "hf_static_compiled_forward")
 
 # ---------------------------------------------------------------- set-up
 
+def batch_sizes() -> list[int]:
+    return [int(b) for b in FLAGS.batch_sizes.split(",")]
+
+
 def batches(prompts: list[list[int]], b: int) -> list[list[list[int]]]:
     """Batches of exactly b prompts; the last wraps around to the first prompts."""
     k = -(-len(prompts) // b)
@@ -91,10 +96,11 @@ def batches(prompts: list[list[int]], b: int) -> list[list[list[int]]]:
 
 # ---------------------------------------------------------------- methods
 
-def step_rows(method: str) -> int | None:
-    """Rows a step of a psjax method (psjax_ar: 1, psjax_ar_rowsN: N), None for the others."""
+def step_rows(method: str, batch: int) -> int | None:
+    """Rows a step of a psjax method at `batch` (psjax_ar: generate's default, psjax_ar_rowsN:
+    N), None for the others."""
     if method == "psjax_ar":
-        return 1
+        return autoregressive.default_step_rows(batch)
     return specbench.ar_rows(method[len("psjax_"):]) if method.startswith("psjax_") else None
 
 
@@ -167,11 +173,12 @@ def table(rows, floor_ms, header) -> str:
 def run_methods(methods, target, hf_dir, prompts, n_new, cache_length) -> list[dict]:
     rows = []
     for method in methods:
-        for b in map(int, FLAGS.batch_sizes.split(",")):
+        for b in batch_sizes():
             groups = batches(prompts, b)
             row = {"method": method, "batch": b, "num_batches": len(groups)}
             try:
-                if width := step_rows(method):
+                if width := step_rows(method, b):
+                    row["step_rows"] = width
                     secs, extra = bench_psjax(target, groups, n_new, cache_length,
                                               FLAGS.repeats, width)
                 else:
@@ -196,7 +203,7 @@ def pad_id_of(target) -> int:
 def main(argv):
     del argv
     methods = [m for m in FLAGS.methods.split(",") if m]
-    unknown = [m for m in methods if m not in HF_METHODS and not step_rows(m)]
+    unknown = [m for m in methods if m not in HF_METHODS and not step_rows(m, 1)]
     if unknown:
         raise app.UsageError(f"unknown methods {unknown}: psjax_ar, psjax_ar_rowsN or "
                              f"{', '.join(HF_METHODS)}")
@@ -206,7 +213,8 @@ def main(argv):
                for turns in spec_bench.first_turns(FLAGS.questions, FLAGS.num_prompts)]
     n_new = FLAGS.max_new_tokens
     longest = -(-max(map(len, prompts)) // 64) * 64  # psjax pads prompts to multiples of 64
-    lookahead = max((common.step_lookahead(step_rows(m) or 1) for m in methods), default=0)
+    lookahead = max((common.step_lookahead(step_rows(m, b) or 1) for m in methods
+                     for b in batch_sizes()), default=0)
     cache_length = FLAGS.cache_length or max(
         1024, 256 * -(-(longest + n_new + lookahead) // 256))
     params = count_params(hf_dir)

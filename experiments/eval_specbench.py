@@ -1,9 +1,12 @@
 """Spec-Bench: every decoding method, per category, against psjax's autoregressive baseline.
 
 Methods (`--methods`, comma list, run in this order after `ar`, which always runs first):
-  ar                 psjax autoregressive (the baseline: speedup 1.00)
+  ar                 psjax autoregressive (the baseline: speedup 1.00), its default step
+                     (autoregressive.default_step_rows: 4 rows at batch 1 on a GPU, its
+                     fastest; one row elsewhere)
   ar_rowsN           psjax autoregressive, each step a pass of N rows (the token and N - 1
-                     copies): the shapes of a verify pass over N tokens; --reference
+                     copies): the shapes of a verify pass over N tokens; --reference;
+                     ar_rows1 is the one-row loop (`ar` in results before README (19))
   pld                psjax prompt lookup, a chain of --pld_k drafts
   pld_tree           psjax prompt lookup, --pld_tree_width chains of --pld_k (one per match)
   sps                psjax draft-model speculative decoding (--draft, chain of --sps_k)
@@ -22,7 +25,7 @@ Methods (`--methods`, comma list, run in this order after `ar`, which always run
   hf_assisted        transformers assisted generation with --draft (same tokenizer only)
 The protocol, the correctness check and the outputs are described in psjax/bench/specbench.py.
 
-bfloat16 and the check: a verify pass of N rows rounds apart from a one-token step, so greedy
+bfloat16 and the check: a verify pass of N rows rounds apart from a step of other rows, so greedy
 speculative output can part from `ar`'s at near-ties; `ar_rowsN`, where N is the verify pass's
 rows (tree nodes + 1: pld --pld_k 8 -> ar_rows9), computes with the verify pass's shapes (a
 chain then parted from it nowhere, on the CPU and on 18 questions on an H200). `--reference
@@ -69,6 +72,7 @@ import psjax  # noqa: E402
 from psjax.bench import hf_baselines, specbench  # noqa: E402
 from psjax.bench.timing import card  # noqa: E402
 from psjax.data import spec_bench  # noqa: E402
+from psjax.decoding import autoregressive  # noqa: E402
 from psjax.decoding.sampling import Sampling  # noqa: E402
 from psjax.models import attention_kernel, llama  # noqa: E402
 
@@ -212,6 +216,7 @@ def evaluate():
     questions = spec_bench.load_questions(FLAGS.questions, FLAGS.limit or None)
     info = dict(card=card(), target=FLAGS.target, command="python " + " ".join(sys.argv),
                 settings=dict(jax=jax.__version__, dtype=FLAGS.dtype, reference=FLAGS.reference,
+                              ar_step_rows=autoregressive.default_step_rows(1),
                               **llama.numerics()))
 
     def save(records, failures):

@@ -173,8 +173,9 @@ def test_bench_grid_runs(tmp_path):
 
 
 def test_bench_decode_runs(tmp_path):
-    """experiments/bench_decode.py on SmolLM2, psjax's one-row and 3-row autoregressive steps
-    (psjax_ar_rowsN); a method it does not know is named before the model loads."""
+    """experiments/bench_decode.py on SmolLM2, psjax's autoregressive loop with its default
+    step (one row on the CPU) and 3-row steps (psjax_ar_rowsN), each row recording its step;
+    a method it does not know is named before the model loads."""
     bad = run_experiment("bench_decode.py", "--methods", "psjax_ar,ar_rows3",
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "['ar_rows3']" in bad.stderr and "psjax_ar_rowsN" in bad.stderr
@@ -186,7 +187,7 @@ def test_bench_decode_runs(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert [(r["method"], r["status"]) for r in rows] == [("psjax_ar", "ok"),
                                                           ("psjax_ar_rows3", "ok")]
-    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert [r["step_rows"] for r in rows] == [1, 3] and all(r["tokens_per_s"] > 0 for r in rows)
 
 
 def test_exactness_probe_layouts_compute_the_same():

@@ -118,13 +118,31 @@ def test_tiny_bfloat16_greedy_equals_autoregressive_at_the_verify_width(tiny_bf1
     parted = 0
     for batch in (prompts[:4], prompts[4:]):
         kw = dict(max_new_tokens=48, eos_ids=(7,))
-        one_row = autoregressive.generate(module, params, batch, **kw).sequences()
+        one_row = autoregressive.generate(module, params, batch, step_rows=1, **kw).sequences()
         wide = autoregressive.generate(module, params, batch, step_rows=rows, **kw).sequences()
         out = speculative.generate(module, params, batch, drafter=drafter,
                                    drafter_params=drafter_params, tree=tree, **kw)
         assert out.sequences() == wide
         parted += sum(a != b for a, b in zip(one_row, wide))
     assert parted > 0  # else the two autoregressive forms agree and equality proves nothing
+
+
+def test_default_step_rows(tiny_bf16, monkeypatch):
+    """Left unnamed, a step has enough rows that its products get the backend's
+    STEP_MIN_ROWS (one on the CPU): the table set to 4 here, a batch of one decodes exactly as
+    with step_rows = 4, a batch of four with one row."""
+    assert autoregressive.default_step_rows(1) == 1  # the CPU: one row
+    monkeypatch.setitem(autoregressive.STEP_MIN_ROWS, jax.default_backend(), 4)
+    assert [autoregressive.default_step_rows(b) for b in (1, 2, 3, 4, 8)] == [4, 2, 2, 1, 1]
+    module, params, *_ = tiny_bf16
+    rs = np.random.RandomState(1)
+    prompts = [rs.randint(0, 64, n).tolist() for n in (5, 17, 9, 30)]
+    kw = dict(max_new_tokens=24, eos_ids=(7,))
+    for p in prompts:
+        assert (autoregressive.generate(module, params, [p], **kw).sequences()
+                == autoregressive.generate(module, params, [p], step_rows=4, **kw).sequences())
+    assert (autoregressive.generate(module, params, prompts, **kw).sequences()
+            == autoregressive.generate(module, params, prompts, step_rows=1, **kw).sequences())
 
 
 def test_bad_step_rows(tiny):

@@ -7,7 +7,9 @@ clock stops), compilation excluded (warm-up runs first, and the first call at ea
 shape runs once untimed: the jitted loops specialise on the padded prompt width). tokens = the
 generated tokens, EOS included where it stops the turn. A question's tokens/s is its tokens over
 its seconds, summed over its turns; a category's tokens/s is the mean over its questions; a
-method's speedup is its category tokens/s over the autoregressive baseline's (`ar`). tau is the
+method's speedup is its category tokens/s over the autoregressive baseline's (`ar`: psjax's
+loop with its default step, `autoregressive.default_step_rows`, 4 rows at batch 1 on a GPU;
+results before README "On H200s (19)" call the one-row loop, now `ar_rows1`, `ar`). tau is the
 mean number of tokens a target forward pass commits (the bonus token counted): the mean of
 `Generation.accepted` over all steps for psjax's speculative methods, generated tokens per target
 forward call for transformers' assisted generation, 1 for plain decoding.
@@ -125,17 +127,17 @@ class Method:
 
 
 class PsjaxMethod(Method):
-    """psjax's autoregressive loop (no drafter; its steps passes of `step_rows` rows) or its
-    speculative engine."""
+    """psjax's autoregressive loop (no drafter; its steps passes of `step_rows` rows, None:
+    `autoregressive.default_step_rows`) or its speculative engine."""
 
     def __init__(self, name: str, module: Transformer, params, *, max_new_tokens: int,
                  eos_ids: Sequence[int], sampling: Sampling = GREEDY,
                  drafter: Drafter | None = None, drafter_params=None, tree: Tree | None = None,
                  pad_id: int = 0, prompt_width: int | Sequence[int] | None = None,
-                 step_rows: int = 1):
+                 step_rows: int | None = None):
         if (drafter is None) != (tree is None):
             raise ValueError("a speculative method needs both a drafter and a tree")
-        if drafter is not None and step_rows != 1:
+        if drafter is not None and step_rows is not None:
             raise ValueError("step_rows shapes autoregressive steps; a speculative method's "
                              "passes have its tree's rows")
         self.name, self.module, self.params = name, module, params
@@ -271,7 +273,7 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
             raise ValueError(f"{name} needs a trained ParallelSpec drafter (--drafter)")
         if name == "ar" or ar_rows(name):
             methods.append(PsjaxMethod(name, target.module, target.params,
-                                       step_rows=ar_rows(name) or 1, **psjax_kw))
+                                       step_rows=ar_rows(name), **psjax_kw))
         elif name in ("pld", "pld_tree"):
             tree = (Tree.chain(opts.pld_k) if name == "pld"
                     else pld_tree(opts.pld_k, opts.pld_tree_width))

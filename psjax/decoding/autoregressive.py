@@ -11,8 +11,12 @@ measured against) at near-ties; at step_rows = T every product, reduction and ke
 verify pass's shape: on the CPU a chain's logits are then bitwise equal
 (`experiments/probe_exactness.py --step_rows T`) and the speculative output equals this loop's
 token for token (tests/test_speculative.py). On an H200 three quarters of a chain's positions
-were bitwise equal, prompt lookup's output equal token for token on 18 Spec-Bench questions, and
-steps of 2-9 rows ran ~10% faster than one-row steps (README "On H200s (18)").
+were bitwise equal and prompt lookup's output equal token for token on 18 Spec-Bench questions
+(README "On H200s (18)").
+
+Left unnamed, `step_rows` is `default_step_rows(batch)`: a step feeds its products at least
+STEP_MIN_ROWS rows on the backend (4 at batch 1 on a GPU, where such steps are the fastest);
+one row at larger batches and on other backends.
 """
 
 from __future__ import annotations
@@ -45,6 +49,25 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     if not eos_ids:
         return jnp.zeros(tokens.shape, bool)
     return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
+
+
+# Per backend, the rows a step's products get at least: a batch of B rows steps with
+# ceil(STEP_MIN_ROWS / B) rows each (the token and copies). At batch 1 llama.matmul pads each
+# large product of a one-row step to two rows (a pad, a slice and two barriers apiece); steps of
+# several rows measured faster (not profiled; why 4 rows beat 2 is not known). H200,
+# Qwen2.5-Coder-0.5B in bfloat16, 18 Spec-Bench prompts x 256 tokens
+# (results/bench_ar_h200/bench_ar_qwen05b_2026-12-02_rows.json), tok/s at batch 1: one row
+# 910.1, 2 rows 1,017.1, 4 rows 1,043.3, 9 rows 1,041.8 (eval_specbench on 18 questions,
+# results/ar_step_rows_h200_18q/: 4 rows the fastest of 2-16); at batch 8 one row is
+# the fastest (7,927 against 7,797 with 2 rows, 6,897 with 4). Batches of 2-3 are not measured.
+# Not on a CPU, where a padded product is the slower one (llama.GEMM_MIN_ROWS).
+STEP_MIN_ROWS = {"gpu": 4}
+
+
+def default_step_rows(batch: int) -> int:
+    """Rows of each step for a batch of `batch` rows when the caller names none: enough that
+    the step's products have STEP_MIN_ROWS rows on the backend in use, at least one."""
+    return max(1, -(-STEP_MIN_ROWS.get(jax.default_backend(), 1) // batch))
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "sampling", "eos_ids",
@@ -85,10 +108,13 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
              cache_length: int | None = None, rng: jax.Array | None = None,
              cache_dtype=None, pad_id: int = 0,
              prompt_width: int | Sequence[int] | None = None,
-             step_rows: int = 1) -> common.Generation:
+             step_rows: int | None = None) -> common.Generation:
     """Decodes a batch of token-id prompts (different lengths allowed) token by token, each
-    step a pass of `step_rows` rows (module docstring)."""
+    step a pass of `step_rows` rows (default: `default_step_rows` of the batch; module
+    docstring)."""
     tokens, lengths = common.pad_prompts(prompts, pad_id, prompt_width)
+    if step_rows is None:
+        step_rows = default_step_rows(len(lengths))
     lookahead = common.step_lookahead(step_rows)
     if cache_length is None:
         cache_length = common.default_cache_length(int(tokens.shape[1]), max_new_tokens,
