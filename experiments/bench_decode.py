@@ -2,7 +2,8 @@
 
 Methods (`--methods`, run in this order, each failure caught and reported as such):
   psjax_ar            psjax.decoding.autoregressive.generate: prefill + one jitted while_loop,
-                      its default step (`default_step_rows`: 4 rows at batch 1 on a GPU).
+                      its default step (`default_step_rows`: 4 rows at batch 1 on a GPU for
+                      a model as wide as Qwen2.5-0.5B).
   psjax_ar_rowsN      the same, each step a pass of N rows (the token and N - 1 copies:
                       `generate(step_rows=N)`, eval_specbench's ar_rowsN); psjax_ar_rows1 is
                       the one-row loop (`psjax_ar` in results before README "On H200s (19)").
@@ -96,12 +97,21 @@ def batches(prompts: list[list[int]], b: int) -> list[list[list[int]]]:
 
 # ---------------------------------------------------------------- methods
 
-def step_rows(method: str, batch: int) -> int | None:
-    """Rows a step of a psjax method at `batch` (psjax_ar: generate's default, psjax_ar_rowsN:
-    N), None for the others."""
+def named_step_rows(method: str) -> int | None:
+    """N for psjax_ar_rowsN, None for the others."""
+    return specbench.ar_rows(method.removeprefix("psjax_")) if method.startswith("psjax_") else None
+
+
+def is_psjax(method: str) -> bool:
+    return method == "psjax_ar" or named_step_rows(method) is not None
+
+
+def step_rows(method: str, batch: int, config) -> int | None:
+    """Rows a step of a psjax method at `batch` (psjax_ar: generate's default for the model,
+    psjax_ar_rowsN: N), None for the others."""
     if method == "psjax_ar":
-        return autoregressive.default_step_rows(batch)
-    return specbench.ar_rows(method[len("psjax_"):]) if method.startswith("psjax_") else None
+        return autoregressive.default_step_rows(batch, config)
+    return named_step_rows(method)
 
 
 def bench_psjax(target, groups, n_new, cache_length, repeats, rows):
@@ -177,7 +187,7 @@ def run_methods(methods, target, hf_dir, prompts, n_new, cache_length) -> list[d
             groups = batches(prompts, b)
             row = {"method": method, "batch": b, "num_batches": len(groups)}
             try:
-                if width := step_rows(method, b):
+                if width := step_rows(method, b, target.config):
                     row["step_rows"] = width
                     secs, extra = bench_psjax(target, groups, n_new, cache_length,
                                               FLAGS.repeats, width)
@@ -203,7 +213,7 @@ def pad_id_of(target) -> int:
 def main(argv):
     del argv
     methods = [m for m in FLAGS.methods.split(",") if m]
-    unknown = [m for m in methods if m not in HF_METHODS and not step_rows(m, 1)]
+    unknown = [m for m in methods if m not in HF_METHODS and not is_psjax(m)]
     if unknown:
         raise app.UsageError(f"unknown methods {unknown}: psjax_ar, psjax_ar_rowsN or "
                              f"{', '.join(HF_METHODS)}")
@@ -213,8 +223,8 @@ def main(argv):
                for turns in spec_bench.first_turns(FLAGS.questions, FLAGS.num_prompts)]
     n_new = FLAGS.max_new_tokens
     longest = -(-max(map(len, prompts)) // 64) * 64  # psjax pads prompts to multiples of 64
-    lookahead = max((common.step_lookahead(step_rows(m, b) or 1) for m in methods
-                     for b in batch_sizes()), default=0)
+    lookahead = max((common.step_lookahead(step_rows(m, b, target.config) or 1)
+                     for m in methods for b in batch_sizes()), default=0)
     cache_length = FLAGS.cache_length or max(
         1024, 256 * -(-(longest + n_new + lookahead) // 256))
     params = count_params(hf_dir)

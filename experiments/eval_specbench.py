@@ -2,8 +2,8 @@
 
 Methods (`--methods`, comma list, run in this order after `ar`, which always runs first):
   ar                 psjax autoregressive (the baseline: speedup 1.00), its default step
-                     (autoregressive.default_step_rows: 4 rows at batch 1 on a GPU, its
-                     fastest; one row elsewhere)
+                     (autoregressive.default_step_rows: 4 rows at batch 1 on a GPU for a
+                     model as wide as Qwen2.5-0.5B, its fastest; one row elsewhere)
   ar_rowsN           psjax autoregressive, each step a pass of N rows (the token and N - 1
                      copies): the shapes of a verify pass over N tokens; --reference;
                      ar_rows1 is the one-row loop (`ar` in results before README (19))
@@ -216,7 +216,7 @@ def evaluate():
     questions = spec_bench.load_questions(FLAGS.questions, FLAGS.limit or None)
     info = dict(card=card(), target=FLAGS.target, command="python " + " ".join(sys.argv),
                 settings=dict(jax=jax.__version__, dtype=FLAGS.dtype, reference=FLAGS.reference,
-                              ar_step_rows=autoregressive.default_step_rows(1),
+                              ar_step_rows=autoregressive.default_step_rows(1, target.config),
                               **llama.numerics()))
 
     def save(records, failures):

@@ -128,13 +128,18 @@ def test_tiny_bfloat16_greedy_equals_autoregressive_at_the_verify_width(tiny_bf1
 
 
 def test_default_step_rows(tiny_bf16, monkeypatch):
-    """Left unnamed, a step has enough rows that its products get the backend's
-    STEP_MIN_ROWS (one on the CPU): the table set to 4 here, a batch of one decodes exactly as
-    with step_rows = 4, a batch of four with one row."""
-    assert autoregressive.default_step_rows(1) == 1  # the CPU: one row
-    monkeypatch.setitem(autoregressive.STEP_MIN_ROWS, jax.default_backend(), 4)
-    assert [autoregressive.default_step_rows(b) for b in (1, 2, 3, 4, 8)] == [4, 2, 2, 1, 1]
+    """Left unnamed, a step has enough rows that its products get the backend's STEP_MIN_ROWS
+    (one on the CPU), for a model whose MLP products a one-row step pads (llama.
+    GEMM_PAD_MIN_WEIGHTS). With the table set to 4 and the tiny model counted as wide, a batch
+    of one decodes exactly as with step_rows = 4, a batch of four as with one row."""
     module, params, *_ = tiny_bf16
+    config = module.config
+    assert autoregressive.default_step_rows(1, config) == 1  # the CPU: one row
+    monkeypatch.setitem(autoregressive.STEP_MIN_ROWS, jax.default_backend(), 4)
+    assert autoregressive.default_step_rows(1, config) == 1  # too thin for padded products
+    monkeypatch.setattr(llama, "GEMM_PAD_MIN_WEIGHTS", 0)
+    assert [autoregressive.default_step_rows(b, config) for b in (1, 2, 3, 4, 8)] == [4, 2, 2,
+                                                                                      1, 1]
     rs = np.random.RandomState(1)
     prompts = [rs.randint(0, 64, n).tolist() for n in (5, 17, 9, 30)]
     kw = dict(max_new_tokens=24, eos_ids=(7,))

@@ -8,8 +8,9 @@ shape runs once untimed: the jitted loops specialise on the padded prompt width)
 generated tokens, EOS included where it stops the turn. A question's tokens/s is its tokens over
 its seconds, summed over its turns; a category's tokens/s is the mean over its questions; a
 method's speedup is its category tokens/s over the autoregressive baseline's (`ar`: psjax's
-loop with its default step, `autoregressive.default_step_rows`, 4 rows at batch 1 on a GPU;
-results before README "On H200s (19)" call the one-row loop, now `ar_rows1`, `ar`). tau is the
+loop with its default step, `autoregressive.default_step_rows`, 4 rows at batch 1 on a GPU for
+Qwen2.5-0.5B; results before README "On H200s (19)" call the one-row loop, now `ar_rows1`,
+`ar`). tau is the
 mean number of tokens a target forward pass commits (the bonus token counted): the mean of
 `Generation.accepted` over all steps for psjax's speculative methods, generated tokens per target
 forward call for transformers' assisted generation, 1 for plain decoding.

@@ -14,9 +14,10 @@ token for token (tests/test_speculative.py). On an H200 three quarters of a chai
 were bitwise equal and prompt lookup's output equal token for token on 18 Spec-Bench questions
 (README "On H200s (18)").
 
-Left unnamed, `step_rows` is `default_step_rows(batch)`: a step feeds its products at least
+Left unnamed, `step_rows` is `default_step_rows(batch, config)`: for a model whose MLP products
+a one-row step pads (llama.GEMM_PAD_MIN_WEIGHTS), a step feeds its products at least
 STEP_MIN_ROWS rows on the backend (4 at batch 1 on a GPU, where such steps are the fastest);
-one row at larger batches and on other backends.
+one row at larger batches, for thinner models and on other backends.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import jax.numpy as jnp
 
 from psjax.decoding import common
 from psjax.decoding.sampling import GREEDY, Sampling, choose
+from psjax.models import llama
+from psjax.models.config import ModelConfig
 from psjax.models.kv_cache import KVCache
 from psjax.models.llama import Transformer
 
@@ -60,13 +63,18 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
 # 910.1, 2 rows 1,017.1, 4 rows 1,043.3, 9 rows 1,041.8 (eval_specbench on 18 questions,
 # results/ar_step_rows_h200_18q/: 4 rows the fastest of 2-16); at batch 8 one row is
 # the fastest (7,927 against 7,797 with 2 rows, 6,897 with 4). Batches of 2-3 are not measured.
-# Not on a CPU, where a padded product is the slower one (llama.GEMM_MIN_ROWS).
+# Not on a CPU, where a padded product is the slower one (llama.GEMM_MIN_ROWS), nor for a model
+# whose MLP products are below the padding threshold (SmolLM2-135M: its products made GEMMs
+# were slower, llama.GEMM_MIN_ROWS' comment; wider steps not measured there).
 STEP_MIN_ROWS = {"gpu": 4}
 
 
-def default_step_rows(batch: int) -> int:
+def default_step_rows(batch: int, config: ModelConfig) -> int:
     """Rows of each step for a batch of `batch` rows when the caller names none: enough that
-    the step's products have STEP_MIN_ROWS rows on the backend in use, at least one."""
+    the step's products have STEP_MIN_ROWS rows on the backend in use if the model's MLP
+    products are large enough for llama.matmul to pad, else one."""
+    if config.hidden_size * config.intermediate_size < llama.GEMM_PAD_MIN_WEIGHTS:
+        return 1
     return max(1, -(-STEP_MIN_ROWS.get(jax.default_backend(), 1) // batch))
 
 
@@ -110,11 +118,11 @@ def generate(module: Transformer, params, prompts: Sequence[Sequence[int]], *,
              prompt_width: int | Sequence[int] | None = None,
              step_rows: int | None = None) -> common.Generation:
     """Decodes a batch of token-id prompts (different lengths allowed) token by token, each
-    step a pass of `step_rows` rows (default: `default_step_rows` of the batch; module
-    docstring)."""
+    step a pass of `step_rows` rows (default: `default_step_rows` of the batch and model;
+    module docstring)."""
     tokens, lengths = common.pad_prompts(prompts, pad_id, prompt_width)
     if step_rows is None:
-        step_rows = default_step_rows(len(lengths))
+        step_rows = default_step_rows(len(lengths), module.config)
     lookahead = common.step_lookahead(step_rows)
     if cache_length is None:
         cache_length = common.default_cache_length(int(tokens.shape[1]), max_new_tokens,

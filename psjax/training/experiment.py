@@ -80,7 +80,7 @@ def make_evaluator(config, target: Target, drafter: parallelspec.ParallelSpec):
     width = common.pad_prompts(prompts)[0].shape[1]  # one compilation for every prompt
     # One cache length for both loops: room for a speculative step's and an autoregressive one's.
     lookahead = max(drafter.cache_lookahead(drafter.config.draft_length),
-                    common.step_lookahead(autoregressive.default_step_rows(1)))
+                    common.step_lookahead(autoregressive.default_step_rows(1, target.config)))
     kw = dict(max_new_tokens=config.eval_max_new_tokens, eos_ids=target.eos_ids,
               prompt_width=width, cache_length=common.default_cache_length(
                   width, config.eval_max_new_tokens, lookahead))
