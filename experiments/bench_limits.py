@@ -16,9 +16,11 @@ Step times are measured; bounds and projections are computed (measured tau, meas
 
 --profile_shape adds, for that shape: the AR step, kernels per step, device busy time per step
 and the kernels that take it (a profiler trace of a generation), plain and with q/k/v and
-gate/up fused (`Transformer(fused=True)`); the same trace of each speculative method's step,
-split into the engine's phases (draft, verify, accept, commit) with --xla_dump_dir; and the AR
-step under each --xla_variants setting (a fresh process each, since XLA reads its flags once).
+gate/up fused (`Transformer(fused=True)`), and at each --profile_step_rows width; the same
+trace of each speculative method's step, split into the engine's phases (draft, verify, accept,
+commit) with --xla_dump_dir; and the AR step under each --xla_variants setting (a fresh process
+each, since XLA reads its flags once). Why 4-row steps beat one-row ones at batch 1 (issue 2):
+`launch/gpu_pipeline.sh profile --profile_step_rows 1,2,4 --profile_only`.
 The split, on the GPU:
 
     XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_module_re=.*_generate.*" \\
@@ -89,6 +91,9 @@ flags.DEFINE_string("xla_dump_dir", "", "the directory XLA_FLAGS' --xla_dump_to 
                     "splits each speculative step's kernel time by phase")
 flags.DEFINE_bool("profile_only", False, "only --profile_shape's profile (no floor, step "
                   "times or projection)")
+flags.DEFINE_list("profile_step_rows", [], "with --profile_shape, the autoregressive step also "
+                  "at each of these widths (rows a step, `generate(step_rows=N)`), timed and "
+                  "traced: why a wider step is faster at batch 1")
 flags.DEFINE_bool("child", False, "internal: measure the profile shape's decode step only")
 flags.DEFINE_string("out", "", "JSON file for all results")
 
@@ -98,9 +103,10 @@ def random_prompts(config, batch: int, length: int) -> list[list[int]]:
     return rng.integers(0, config.vocab_size, (batch, length)).tolist()
 
 
-def ar_ms(module, params, prompts, prefill: float) -> float:
+def ar_ms(module, params, prompts, prefill: float, step_rows: int | None = None) -> float:
     return 1e3 * limits.ar_step_seconds(module, params, prompts, new_tokens=FLAGS.new_tokens,
-                                        prefill=prefill, repeats=FLAGS.repeats)
+                                        prefill=prefill, repeats=FLAGS.repeats,
+                                        step_rows=step_rows)
 
 
 def newest_dump() -> str:
@@ -114,18 +120,21 @@ def newest_dump() -> str:
 
 
 def profile(target, prompts, prefill: float, methods: dict, dparams) -> dict:
-    """The real autoregressive loop, plain and with fused projections: step time, and kernels
-    and device busy time per step from a profiler trace of a generation. Then the same trace
-    of the speculative loop for each method (drafter, tree)."""
+    """The real autoregressive loop, plain and with fused projections, and the target's at each
+    --profile_step_rows width: step time, and kernels and device busy time per step from a
+    profiler trace of a generation. Then the same trace of the speculative loop for each
+    method (drafter, tree)."""
     out = {}
-    for fused in (False, True):
-        module = Transformer(target.config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                             fused=fused)
-        row = {"ar_ms": ar_ms(module, target.params, prompts, prefill)}
-        row["trace"] = limits.device_trace(lambda: autoregressive.generate(
-            module, target.params, prompts, max_new_tokens=FLAGS.new_tokens),
-            steps=FLAGS.new_tokens)
-        out["fused" if fused else "plain"] = row
+    plain, fused = (Transformer(target.config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                fused=f) for f in (False, True))
+    runs = [("plain", plain, None), ("fused", fused, None)] + [
+        (f"step_rows_{rows}", target.module, int(rows)) for rows in FLAGS.profile_step_rows]
+    for label, module, rows in runs:
+        generate = functools.partial(autoregressive.generate, module, target.params, prompts,
+                                     max_new_tokens=FLAGS.new_tokens, step_rows=rows)
+        out[label] = {"step_rows": rows, "ar_ms": ar_ms(module, target.params, prompts,
+                                                         prefill, rows),
+                      "trace": limits.device_trace(generate, steps=FLAGS.new_tokens)}
     for method, (drafter, tree) in methods.items():
         run = lambda: speculative.generate(target.module, target.params, prompts, drafter=drafter,
                                            drafter_params=dparams, tree=tree,

@@ -54,9 +54,10 @@ def test_step_times_are_positive():
     prompts = [[1, 2, 3, 4]]
     # Enough steps that the loop's time stands well above the prefill's timing noise.
     prefill = limits.prefill_seconds(target.module, target.params, prompts, repeats=3)
-    step = limits.ar_step_seconds(target.module, target.params, prompts, new_tokens=128,
-                                  prefill=prefill, repeats=3)
-    assert prefill > 0 and step > 0
+    step, wide = (limits.ar_step_seconds(target.module, target.params, prompts, new_tokens=128,
+                                         prefill=prefill, repeats=3, step_rows=rows)
+                  for rows in (None, 4))
+    assert prefill > 0 and step > 0 and wide > 0
 
 
 def test_device_trace_without_a_gpu_says_so():

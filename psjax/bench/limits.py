@@ -114,9 +114,11 @@ def per_step_seconds(run: Callable[[], int], prefill: float, repeats: int) -> fl
 
 
 def ar_step_seconds(module: Transformer, params, prompts, *, new_tokens: int, prefill: float,
-                    repeats: int = 3) -> float:
+                    repeats: int = 3, step_rows: int | None = None) -> float:
+    """Seconds per autoregressive step, each a pass of `step_rows` rows (None: the default)."""
     return per_step_seconds(lambda: autoregressive.generate(
-        module, params, prompts, max_new_tokens=new_tokens).steps, prefill, repeats)
+        module, params, prompts, max_new_tokens=new_tokens, step_rows=step_rows).steps,
+        prefill, repeats)
 
 
 def spec_step_seconds(module: Transformer, params, prompts, drafter, drafter_params, tree: Tree,
