@@ -3,7 +3,8 @@
 For each model shape (random bfloat16 weights of the real shapes: the cost of a step does not
 depend on the values), at batch --batch with --context tokens in the cache:
   floor_ms      bytes of weights + KV cache read per step / measured memory bandwidth
-  ar_ms         a step of psjax's autoregressive loop (sampling and bookkeeping included)
+  ar_ms         a step of psjax's autoregressive loop at its default width
+                (autoregressive.default_step_rows; sampling and bookkeeping included)
   spec_ms[m]    a step of psjax's speculative loop for method m (ParallelSpec with k masks and
                 a random drafter, chain of k + 1 and tree; with --lookup_tree also prompt
                 lookup in front of it): draft + verify + accept + commit
