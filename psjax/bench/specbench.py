@@ -79,9 +79,14 @@ _AR_ROWS = re.compile(r"ar_rows([1-9]\d*)")  # ar_rows9: autoregressive, steps o
 # parallelspec_lookup_n8: the 8-node tree of --ps_lookup_tree's design_tree.py file (tree sizes
 # side by side; parallelspec_tree_nN likewise from --ps_tree's)
 _PS_SIZED = re.compile(r"(parallelspec_tree|parallelspec_lookup)_n([1-9]\d*)")
+# parallelspec_lookup_v32768: the drafter proposes from its 32,768 most frequent answer tokens
+# (psjax.drafters.draft_vocab); after any parallelspec name
+_PS_VOCAB = re.compile(r"(parallelspec\w*?)_v([1-9]\d*)")
 NAMING = ("parallelspec_kN (a chain of N drafts), parallelspec_tree_nN and "
           "parallelspec_lookup_nN (the N-node tree of --ps_tree's / --ps_lookup_tree's "
-          "design_tree.py file), ar_rowsN (autoregressive, each step a pass of N rows)")
+          "design_tree.py file), any of those + _vN (drafts from the drafter's N most frequent "
+          "tokens, experiments/draft_vocab.py), ar_rowsN (autoregressive, each step a pass of N "
+          "rows)")
 
 
 def ar_rows(name: str) -> int | None:
@@ -90,7 +95,14 @@ def ar_rows(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def draft_vocab(name: str) -> tuple[str, int | None]:
+    """(the method without its _vN suffix, N), or (name, None) without one."""
+    match = _PS_VOCAB.fullmatch(name)
+    return (match.group(1), int(match.group(2))) if match else (name, None)
+
+
 def is_known(name: str) -> bool:
+    name = draft_vocab(name)[0]
     return (name in METHODS or _PS_CHAIN.fullmatch(name) is not None
             or _PS_SIZED.fullmatch(name) is not None or ar_rows(name) is not None)
 MISMATCH_GAP = 0.05
@@ -266,7 +278,8 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
     psjax_kw = dict(max_new_tokens=opts.max_new_tokens, eos_ids=eos, sampling=opts.sampling,
                     pad_id=pad, prompt_width=opts.prompt_width)
     methods, skipped = [], {}
-    drafter = draft = None
+    draft = None
+    drafters = {}  # draft vocabulary size (None: all) -> the loaded drafter and its params
     for name in names:
         if name in ("sps", "hf_assisted") and not opts.draft_dir:
             raise ValueError(f"{name} needs a draft model (--draft)")
@@ -287,8 +300,12 @@ def make_methods(names: Sequence[str], target, hf_dir: str, opts: Options
                                        drafter_params=draft.params, tree=Tree.chain(opts.sps_k),
                                        **psjax_kw))
         elif name.startswith("parallelspec"):
-            tree = parallelspec_tree(name, opts)
-            drafter = drafter or load_drafter(opts.drafter_dir, target, DTYPES[opts.dtype])
+            base, vocab = draft_vocab(name)
+            tree = parallelspec_tree(base, opts)
+            if vocab not in drafters:
+                drafters[vocab] = load_drafter(opts.drafter_dir, target, DTYPES[opts.dtype],
+                                               draft_vocab=vocab)
+            drafter = drafters[vocab]
             lookup = name.startswith("parallelspec_lookup")
             methods.append(PsjaxMethod(
                 name, target.module, target.params,

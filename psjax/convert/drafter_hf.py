@@ -23,6 +23,7 @@ import numpy as np
 
 from psjax.convert import hf
 from psjax.drafters import parallelspec
+from psjax.drafters.draft_vocab import load as load_draft_vocab
 from psjax.models.config import ModelConfig
 from psjax.models.llama import Transformer
 
@@ -134,13 +135,15 @@ def check_target(config: parallelspec.ParallelSpecConfig, target_config: ModelCo
                      f"{theirs}: load the matching target or train a drafter for it")
 
 
-def load_drafter(path: str, target=None, dtype=jnp.float32
+def load_drafter(path: str, target=None, dtype=jnp.float32, draft_vocab: int | None = None
                  ) -> tuple[parallelspec.ParallelSpec, Any]:
     """Reads a directory written by `save_drafter` -> (ParallelSpec drafter, params).
 
     `target` (a psjax Target, its Transformer module or its ModelConfig) is checked against the
     target the drafter was trained for; its module becomes the drafter's `target_module`.
-    Without it, the module is rebuilt from the recorded target config."""
+    Without it, the module is rebuilt from the recorded target config. `draft_vocab` N: the
+    drafter proposes from the N tokens most frequent in its training answers only (the ranking
+    in the directory, psjax.drafters.draft_vocab)."""
     dtype = jnp.dtype(dtype)
     config_path = os.path.join(path, "config.json")
     if not os.path.exists(config_path):
@@ -163,7 +166,9 @@ def load_drafter(path: str, target=None, dtype=jnp.float32
     module = _target_module(target, config.target, dtype)
     if target is not None:
         check_target(config, module.config, target_name)
-    drafter = parallelspec.build(config, module, dtype)
+    vocab = (None if draft_vocab is None
+             else load_draft_vocab(path, draft_vocab, config.target.vocab_size))
+    drafter = parallelspec.build(config, module, dtype, draft_vocab=vocab)
 
     state = hf.read_safetensors(path)
     shapes = jax.eval_shape(lambda: parallelspec.init_params(drafter, jax.random.PRNGKey(0)))

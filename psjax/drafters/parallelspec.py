@@ -44,6 +44,7 @@ import jax.numpy as jnp
 from psjax.decoding.sampling import Sampling
 from psjax.drafters.base import Accepted, Context, Drafter, Prompt, Proposal
 from psjax.drafters.draft_model import candidates_from_logits
+from psjax.drafters.draft_vocab import DraftVocab
 from psjax.models import kv_cache
 from psjax.models.config import ModelConfig
 from psjax.models.kv_cache import KVCache
@@ -167,10 +168,20 @@ def target_logits(target_module: Transformer, target_params, hidden: jax.Array) 
     return target_module.apply({"params": target_params}, hidden, method=Transformer.logits)
 
 
+def head_rows(target_module: Transformer, target_params, ids: jax.Array) -> jax.Array:
+    """The rows [N, D] of the target's LM head that give the logits of tokens `ids`."""
+    if target_module.config.tie_word_embeddings:
+        rows = target_embedding(target_params)[ids]
+    else:
+        rows = target_params["lm_head"]["kernel"][:, ids].T
+    return rows.astype(target_module.dtype)
+
+
 @flax.struct.dataclass
 class DraftState:
     cache: KVCache  # the drafter's own cache: real tokens only
     pending_features: jax.Array  # [B, R, D] h_{j-1} for the tokens not yet in the cache
+    head: jax.Array | None = None  # [N, D] the LM head's rows of a draft vocabulary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +190,8 @@ class ParallelSpec(Drafter):
 
     module: ParallelDrafterModule
     target_module: Transformer
+    # Drafts come from these tokens only (psjax.drafters.draft_vocab); None: the whole vocabulary.
+    draft_vocab: DraftVocab | None = None
 
     @property
     def config(self) -> ParallelSpecConfig:
@@ -224,7 +237,9 @@ class ParallelSpec(Drafter):
         width = self._commit_width(depth)
         last = jnp.take_along_axis(prompt.features, (prompt.lengths - 1)[:, None, None], axis=1)
         pending = jnp.zeros((b, width, d), prompt.features.dtype).at[:, :1].set(last)
-        return DraftState(cache, pending)
+        head = None if self.draft_vocab is None else head_rows(
+            self.target_module, context.target_params, jnp.asarray(self.draft_vocab.ids))
+        return DraftState(cache, pending, head)
 
     def cache_lookahead(self, depth: int) -> int:
         # One step writes the pending real tokens and k masks after the root.
@@ -233,7 +248,7 @@ class ParallelSpec(Drafter):
     def draft_logits(self, params, state: DraftState, context: Context):
         """Draft logits [B, k + 1, V] after the committed sequence (the root's, then
         MASK_1..MASK_k's), and the new state (the real tokens committed to the drafter's cache,
-        the masks rolled back)."""
+        the masks rolled back). With a draft vocabulary, [B, k + 1, N] over its tokens."""
         cfg, cache = self.config, state.cache
         b = context.sequence.shape[0]
         r = state.pending_features.shape[1]
@@ -262,8 +277,12 @@ class ParallelSpec(Drafter):
         # Rows that are done have nothing pending: clip their (unused) root index.
         root_index = jnp.maximum(anchor - cache.lengths, 0)
         root = jnp.take_along_axis(hidden, root_index[:, None, None], axis=1)
-        logits = target_logits(self.target_module, context.target_params,
-                               jnp.concatenate([root, hidden[:, r:]], axis=1))
+        drafts = jnp.concatenate([root, hidden[:, r:]], axis=1)
+        if state.head is None:
+            logits = target_logits(self.target_module, context.target_params, drafts)
+        else:  # Transformer.logits' product over the draft vocabulary's rows
+            logits = jnp.einsum("...d,nd->...n", drafts, state.head.astype(drafts.dtype),
+                                preferred_element_type=jnp.float32)
         # Commit the real tokens; the masks' entries are rolled back (never committed).
         cache = cache.replace(k=kk, v=vv, lengths=context.seq_len)
         return logits, state.replace(cache=cache)
@@ -274,6 +293,11 @@ class ParallelSpec(Drafter):
         keys = jax.random.split(rng, depth)
         cands, q = jax.vmap(lambda l, key: candidates_from_logits(l, width, sampling, key),
                             in_axes=(1, 0), out_axes=1)(logits[:, :depth], keys)
+        if self.draft_vocab is not None:  # back to the target's token ids
+            ids = jnp.asarray(self.draft_vocab.ids)
+            cands = ids[cands]
+            if q is not None:
+                q = jnp.zeros(q.shape[:-1] + (self.vocab_size,), q.dtype).at[..., ids].set(q)
         return Proposal(cands, q), state
 
     def training_logits(self, params, target_params, tokens: jax.Array,
@@ -335,12 +359,16 @@ class ParallelSpec(Drafter):
 
 
 def build(config: ParallelSpecConfig, target_module: Transformer, dtype=jnp.float32,
-          param_dtype=None) -> ParallelSpec:
+          param_dtype=None, draft_vocab: DraftVocab | None = None) -> ParallelSpec:
     """`dtype` computes, `param_dtype` stores (float32 master weights for training). The
-    training pass attends as the target module's passes without a cache do."""
+    training pass attends as the target module's passes without a cache do. `draft_vocab`:
+    drafting proposes from its tokens only (training always sees the whole vocabulary)."""
+    if draft_vocab is not None and int(draft_vocab.ids.max()) >= config.target.vocab_size:
+        raise ValueError(f"the draft vocabulary holds token id {int(draft_vocab.ids.max())} but "
+                         f"the target's vocabulary has {config.target.vocab_size} tokens")
     module = ParallelDrafterModule(config, dtype=dtype, param_dtype=param_dtype or dtype,
                                    uncached_attention=target_module.uncached_attention)
-    return ParallelSpec(module, target_module)
+    return ParallelSpec(module, target_module, draft_vocab)
 
 
 def init_params(drafter: ParallelSpec, rng: jax.Array, unbox: bool = True) -> Any:
