@@ -10,6 +10,8 @@ depend on the values), at batch --batch with --context tokens in the cache:
                 lookup in front of it): draft + verify + accept + commit
   verify_ms[m]  the same loop and tree with prompt lookup, a drafter that costs next to nothing:
                 a verify step with its acceptance
+  spec_ms[m_vN] with --draft_vocab N, each ParallelSpec method again with its drafter's LM head
+                reading N rows instead of the vocabulary (psjax.drafters.draft_vocab)
 Then, with tau per method measured on real models (--tau_from: a Spec-Bench summary.json):
   bound   = tau x ar_ms / verify_ms[m]  the speedup with a free drafter
   project = tau x ar_ms / spec_ms[m]    the speedup with psjax's drafter at this shape
@@ -38,6 +40,7 @@ CPU smoke test: `--shapes smollm2-135m --context 16 --new_tokens 8 --repeats 1
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import json
@@ -54,6 +57,7 @@ from psjax.bench import limits
 from psjax.bench.timing import measure_bandwidth_tbps, run_header
 from psjax.decoding import autoregressive, speculative
 from psjax.decoding.tree import Tree
+from psjax.drafters.draft_vocab import DraftVocab
 from psjax.drafters.prompt_lookup import PromptLookup
 from psjax.drafters.with_lookup import WithPromptLookup
 from psjax.models.llama import Transformer
@@ -75,6 +79,9 @@ flags.DEFINE_string("lookup_tree", "", "also ParallelSpec with prompt lookup in 
                     "--lookup_depth's); '' = not measured")
 flags.DEFINE_list("feature_layers", [], "the drafter's target feature layers (as the trained "
                   "drafter's config; empty: the final hidden state)")
+flags.DEFINE_integer("draft_vocab", 0, "also each ParallelSpec method with a draft vocabulary "
+                     "of this many tokens (method_vN; psjax.drafters.draft_vocab); 0 = not "
+                     "measured")
 flags.DEFINE_integer("new_tokens", 128, "tokens generated per timed run")
 flags.DEFINE_integer("repeats", 3, "timed repeats (median)")
 flags.DEFINE_string("tau_from", os.path.join(_REPO, "results", "specbench_qwen05b_h100",
@@ -171,6 +178,12 @@ def measure_shape(name: str, bandwidth: float | None, taus: dict) -> dict:
     if FLAGS.lookup_tree:
         methods["parallelspec_lookup"] = (WithPromptLookup(drafter),
                                           Tree.parse(FLAGS.lookup_tree))
+    if FLAGS.draft_vocab:  # any N tokens cost the same: the first N
+        vocab = DraftVocab(np.arange(FLAGS.draft_vocab))
+        narrow = dataclasses.replace(drafter, draft_vocab=vocab)
+        methods.update({f"{m}_v{vocab.size}": (
+            WithPromptLookup(narrow) if isinstance(d, WithPromptLookup) else narrow, tree)
+            for m, (d, tree) in list(methods.items())})
     if FLAGS.profile_only:
         return {"profile": profile(target, prompts, prefill, methods, dparams)}
     row = {"weights_gb": w_bytes / 1e9, "kv_mb": kv / 1e6,
