@@ -31,6 +31,12 @@ rows (tree nodes + 1: pld --pld_k 8 -> ar_rows9), computes with the verify pass'
 chain then parted from it nowhere, on the CPU and on 18 questions on an H200). `--reference
 ar_rows9` checks every method against it (ar_rows9 itself against ar); speedups stay over ar.
 
+`--interleave` runs each turn by every method in turn instead of each method over all questions
+(the baseline alone first, to make the prompts): on a machine that slows during a run, the
+method-by-method order favours the methods that run first (an H200's identical verify step took
+4-13% longer two minutes later, results/specbench_qwen05b_h200_56t_draft_vocab/). Every method is
+set up at once, and the outputs are written once, at the end.
+
 Outputs under --out_dir (rewritten after every method, so a run cut short keeps what finished):
 questions.jsonl (one line per question, turn and method), summary.json, chart.png; the markdown
 table prints last.
@@ -139,6 +145,10 @@ flags.DEFINE_integer("kernel_min_rows", attention_kernel.MIN_QUERY_ROWS, "psjax:
                      "power of two >= 16; attention_kernel.MIN_QUERY_ROWS)")
 flags.register_validator("kernel_min_rows", attention_kernel.is_tile_rows,
                          "--kernel_min_rows must be a power of two, at least 16")
+flags.DEFINE_bool("interleave", False, "each turn by every method in turn (all set up at "
+                  "once; the baseline runs alone first to make the prompts), not each method "
+                  "over all questions: a machine that slows during the run then favours no "
+                  "method (specbench.evaluate)")
 flags.DEFINE_string("reference", specbench.BASELINE, "the method the others are checked "
                     "against, token for token: ar, or ar_rowsN (added after ar when missing "
                     "from --methods)")
@@ -216,6 +226,7 @@ def evaluate():
     questions = spec_bench.load_questions(FLAGS.questions, FLAGS.limit or None)
     info = dict(card=card(), target=FLAGS.target, command="python " + " ".join(sys.argv),
                 settings=dict(jax=jax.__version__, dtype=FLAGS.dtype, reference=FLAGS.reference,
+                              interleave=FLAGS.interleave,
                               ar_step_rows=autoregressive.default_step_rows(1, target.config),
                               **llama.numerics()))
 
@@ -231,7 +242,7 @@ def evaluate():
         judge=specbench.Float32Judge(load_float32, FLAGS.mismatch_gap, target.module.dtype,
                                      FLAGS.mismatch_ulps),
         warmup=FLAGS.warmup, check=sampling.greedy, keep_text=FLAGS.text,
-        reference=FLAGS.reference,
+        reference=FLAGS.reference, interleave=FLAGS.interleave,
         log=lambda s: print(s, flush=True), on_method_done=save)
     table = save(records, failures)
     print(f"\noutputs in {FLAGS.out_dir}\n\n{table}")

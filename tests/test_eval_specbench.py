@@ -191,6 +191,32 @@ def test_reference_ar_rows(tmp_path):
             specbench.evaluate(QUESTIONS, bad, reference="ar_rows4", **kw)
 
 
+def test_interleaved_order():
+    """`interleave=True`: the baseline alone first (dropped), then each turn by every method in
+    turn; the same tokens and checks as method by method, the baseline checked against its first
+    run, a failing method isolated."""
+    _, path = tiny_models.make("llama_gqa_untied", vocab_size=VOCAB)
+    config, params = hf.load_hf_dir(path)
+    target = Target(Transformer(config), params)
+    opts = specbench.Options(max_new_tokens=N_NEW, dtype="float32", pld_k=3)
+    (ar, pld), _ = specbench.make_methods(["ar", "pld"], target, path, opts)
+    methods = [ar, pld, Planted(ar), Broken()]
+    judge = specbench.Float32Judge(lambda: (target.module, params))
+    logged = []
+    kw = dict(prompt_fn=prompt_fn, decode=decode, judge=judge, log=logged.append)
+    by_method, _ = specbench.evaluate(QUESTIONS, methods, **kw)
+    logged.clear()
+    records, failures = specbench.evaluate(QUESTIONS, methods, interleave=True, **kw)
+    assert failures == {"broken": "RuntimeError: boom"}
+    key = lambda r: (r["method"], r["question_id"], r["turn"], r["tokens"], r["diverged"])
+    assert sorted(map(key, records)) == sorted(map(key, by_method))
+    assert [r["method"] for r in records] == ["ar"] * 4 + ["pld"] * 4 + ["planted"] * 4
+    turns = [line.split("]")[0][1:] for line in logged if " turn " in line]
+    assert turns[:4] == ["ar"] * 4  # the baseline alone, then the turns interleaved
+    assert turns[4:7] == ["ar", "pld", "planted"]
+    assert not any(r["diverged"] for r in records if r["method"] != "planted")
+
+
 def test_first_difference():
     assert specbench.first_difference([1, 2, 3], [1, 2, 3]) is None
     assert specbench.first_difference([1, 2, 3], [1, 5, 3]) == 1

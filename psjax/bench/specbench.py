@@ -408,7 +408,8 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
              prompt_fn: Callable[[list[str], list[str]], list[int]],
              decode: Callable[[list[int]], str], judge: Float32Judge | None,
              warmup: int = 1, check: bool = True, keep_text: str = "all",
-             reference: str = BASELINE, log: Callable[[str], None] = print,
+             reference: str = BASELINE, interleave: bool = False,
+             log: Callable[[str], None] = print,
              on_method_done: Callable[[list[dict], dict], None] | None = None
              ) -> tuple[list[dict], dict[str, str]]:
     """Runs every method over every turn of every question -> (per-turn records, {method: error}
@@ -420,7 +421,14 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
     answers condition every method's second turns. `check`: compare with the reference (greedy
     only): the baseline, or `reference`, an ar_rowsN method that must run second (it is checked
     against the baseline; the methods after it against it). `keep_text`: "all", or "diverged"
-    (a method's text only where it parts from the reference's; the baseline's always)."""
+    (a method's text only where it parts from the reference's; the baseline's always).
+
+    `interleave`: by default each method runs over all questions before the next starts, as
+    Spec-Bench does; a machine that slows down during a run (an H200 took 4-13% longer for the
+    same verify step two minutes later, results/specbench_qwen05b_h200_56t_draft_vocab/) then
+    favours the methods that run first. Interleaved, the baseline runs alone first (its records
+    are dropped: it makes the prompts and the reference), then every method, the baseline again
+    among them (checked against its first run), runs each turn in turn, all set up at once."""
     if not methods or methods[0].name != BASELINE:
         raise ValueError(f"the first method must be the baseline {BASELINE!r}")
     if reference != BASELINE and (ar_rows(reference) is None or len(methods) < 2
@@ -432,20 +440,21 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
     if check and judge is None:
         raise ValueError("checking against the baseline needs a Float32Judge")
     prompts: dict[tuple[int, int], list[int]] = {}
-    reference_tokens: dict[tuple[int, int], list[int]] = {}
+    run = _Run(prompts, {}, prompt_fn=prompt_fn, decode=decode, judge=judge, check=check,
+               keep_text=keep_text, reference=reference, log=log)
+    if interleave:
+        run.baseline_alone(methods[0], questions, warmup)
+        return run.interleaved(methods, questions, warmup, on_method_done)
     records, failures = [], {}
     for method in methods:
         baseline = method.name == BASELINE
         try:
-            rows = _run_method(method, questions, prompts, reference_tokens,
-                               prompt_fn=prompt_fn, decode=decode, judge=judge, warmup=warmup,
-                               check=check and not baseline, keep_text=keep_text,
-                               is_reference=method.name == reference, log=log)
+            rows = (run.baseline_alone(method, questions, warmup) if baseline else
+                    run.one_method(method, questions, warmup))
         except Exception as e:  # noqa: BLE001 - one method's failure must not stop the rest
             if baseline or method.name == reference:
                 raise
-            failures[method.name] = f"{type(e).__name__}: {e}".replace("\n", " ")
-            log(f"[{method.name}] FAILED:\n{traceback.format_exc()}")
+            failures[method.name] = run.failed(method, e)
             continue
         finally:
             method.close()
@@ -455,51 +464,114 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
     return records, failures
 
 
-def _run_method(method, questions, prompts, reference, *, prompt_fn, decode, judge, warmup,
-                check, keep_text, is_reference, log) -> list[dict]:
-    baseline = method.name == BASELINE
-    method.setup([] if baseline else list(prompts.values()))
-    first = prompts.get((questions[0]["question_id"], 1)) or prompt_fn(
-        list(questions[0]["turns"][:1]), [])
-    for _ in range(max(warmup, method.min_warmup)):
-        method.generate(first)
-    seen = {method.shape_key(first)}
-    rows = []
-    for q in questions:
-        answers = []
-        for t in range(len(q["turns"])):
-            key = (q["question_id"], t + 1)
-            if baseline:
-                prompts[key] = prompt_fn(list(q["turns"][:t + 1]), list(answers))
-            prompt = prompts[key]
-            shape = method.shape_key(prompt)
-            if shape is not None and shape not in seen:
-                method.generate(prompt)  # compiles: untimed
-                seen.add(shape)
-            out = method.generate(prompt)
-            text = decode(out.tokens)
-            if baseline:
-                answers.append(text)
-            row = dict(question_id=q["question_id"], category=q["category"], turn=t + 1,
-                       method=method.name, tokens=len(out.tokens), seconds=out.seconds,
-                       tokens_per_s=len(out.tokens) / out.seconds, accepted=out.accepted,
-                       forwards=out.forwards, text=text, diverged=False, mismatch=False)
-            if check:
-                row.update(_check(prompt, out.tokens, reference[key], judge))
-            elif not baseline:
-                row.update(diverged=None, mismatch=None)
-            if baseline or is_reference:  # an ar_rowsN reference after its own check
-                reference[key] = out.tokens
-            if keep_text == "diverged" and not baseline and not row["diverged"]:
-                row["text"] = None
-            rows.append(row)
-            tau = (f", tau {np.mean(out.accepted):.2f}" if out.accepted else
-                   f", tau {len(out.tokens) / out.forwards:.2f}" if out.forwards else "")
-            flag = (" MISMATCH" if row["mismatch"] else " diverged (near-tie)"
-                    if row["diverged"] else "")
-            log(f"[{method.name}] q{q['question_id']} turn {t + 1}: {row['tokens']} tokens, "
-                f"{out.seconds:.3f} s, {row['tokens_per_s']:.1f} tok/s{tau}{flag}")
-    return rows
+@dataclasses.dataclass
+class _Run:
+    """One evaluation's shared state: the prompts the baseline made (keyed by (question id,
+    turn)), the tokens each turn is checked against, and how turns are checked and logged."""
+
+    prompts: dict[tuple[int, int], list[int]]
+    reference_tokens: dict[tuple[int, int], list[int]]
+    prompt_fn: Callable
+    decode: Callable
+    judge: Float32Judge | None
+    check: bool
+    keep_text: str
+    reference: str
+    log: Callable[[str], None]
+
+    def prepare(self, method: Method, questions, warmup: int) -> set:
+        """Sets `method` up and warms it on the first prompt -> the shapes it has compiled."""
+        baseline_alone = method.name == BASELINE and not self.prompts
+        method.setup([] if baseline_alone else list(self.prompts.values()))
+        first = self.prompts.get((questions[0]["question_id"], 1)) or self.prompt_fn(
+            list(questions[0]["turns"][:1]), [])
+        for _ in range(max(warmup, method.min_warmup)):
+            method.generate(first)
+        return {method.shape_key(first)}
+
+    def baseline_alone(self, method: Method, questions, warmup: int) -> list[dict]:
+        """The baseline over every question: it makes the prompts (its answers condition the
+        second turns) and the tokens the others are checked against."""
+        seen = self.prepare(method, questions, warmup)
+        rows = []
+        for q in questions:
+            answers = []
+            for t in range(len(q["turns"])):
+                self.prompts[(q["question_id"], t + 1)] = self.prompt_fn(
+                    list(q["turns"][:t + 1]), list(answers))
+                row = self.turn(method, q, t, seen, check=False)
+                answers.append(row["text"])
+                rows.append(row)
+        return rows
+
+    def one_method(self, method: Method, questions, warmup: int) -> list[dict]:
+        seen = self.prepare(method, questions, warmup)
+        return [self.turn(method, q, t, seen, check=self.check)
+                for q in questions for t in range(len(q["turns"]))]
+
+    def interleaved(self, methods: Sequence[Method], questions, warmup: int, on_done
+                    ) -> tuple[list[dict], dict[str, str]]:
+        live, seen, rows, failures = list(methods), {}, {m.name: [] for m in methods}, {}
+
+        def isolated(method, step):  # as in the method-by-method order: the rest go on
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001
+                if method.name in (BASELINE, self.reference):
+                    raise
+                failures[method.name] = self.failed(method, e)
+                live.remove(method)
+                method.close()
+
+        for method in list(live):
+            isolated(method, lambda m=method: seen.update({m.name: self.prepare(m, questions,
+                                                                                warmup)}))
+        for q in questions:
+            for t in range(len(q["turns"])):
+                for method in list(live):
+                    isolated(method, lambda m=method: rows[m.name].append(
+                        self.turn(m, q, t, seen[m.name], check=self.check)))
+        for method in live:
+            method.close()
+        records = [r for m in live for r in rows[m.name]]
+        if on_done is not None:
+            on_done(records, failures)
+        return records, failures
+
+    def failed(self, method: Method, error: Exception) -> str:
+        self.log(f"[{method.name}] FAILED:\n{traceback.format_exc()}")
+        return f"{type(error).__name__}: {error}".replace("\n", " ")
+
+    def turn(self, method: Method, q: dict, t: int, seen: set, *, check: bool) -> dict:
+        """One timed turn of `method` (its shape compiled first, untimed) -> its record."""
+        key = (q["question_id"], t + 1)
+        prompt = self.prompts[key]
+        baseline = method.name == BASELINE
+        shape = method.shape_key(prompt)
+        if shape is not None and shape not in seen:
+            method.generate(prompt)  # compiles: untimed
+            seen.add(shape)
+        out = method.generate(prompt)
+        text = self.decode(out.tokens)
+        row = dict(question_id=q["question_id"], category=q["category"], turn=t + 1,
+                   method=method.name, tokens=len(out.tokens), seconds=out.seconds,
+                   tokens_per_s=len(out.tokens) / out.seconds, accepted=out.accepted,
+                   forwards=out.forwards, text=text, diverged=False, mismatch=False)
+        if check:
+            row.update(_check(prompt, out.tokens, self.reference_tokens[key], self.judge))
+        elif not baseline:
+            row.update(diverged=None, mismatch=None)
+        if baseline or method.name == self.reference:  # an ar_rowsN one after its own check
+            self.reference_tokens[key] = out.tokens
+        if self.keep_text == "diverged" and not baseline and not row["diverged"]:
+            row["text"] = None
+        tau = (f", tau {np.mean(out.accepted):.2f}" if out.accepted else
+               f", tau {len(out.tokens) / out.forwards:.2f}" if out.forwards else "")
+        flag = (" MISMATCH" if row["mismatch"] else " diverged (near-tie)"
+                if row["diverged"] else "")
+        self.log(f"[{method.name}] q{q['question_id']} turn {t + 1}: {row['tokens']} tokens, "
+                 f"{out.seconds:.3f} s, {row['tokens_per_s']:.1f} tok/s{tau}{flag}")
+        return row
 
 
 def _check(prompt, tokens, ref, judge) -> dict:
