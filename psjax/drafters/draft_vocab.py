@@ -91,7 +91,9 @@ def save(directory: str, counts: np.ndarray) -> str:
 
 
 def load(directory: str, size: int, vocab_size: int) -> DraftVocab:
-    """The `size` most frequent tokens of the ranking `save` wrote into `directory`."""
+    """The `size` most frequent tokens of the ranking `save` wrote into `directory`, in id
+    order: the drafter gathers their rows of the target's head at every call, and columns of an
+    untied [D, V] head read in order touch each memory sector once instead of once per token."""
     path = os.path.join(directory, FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(
@@ -104,4 +106,4 @@ def load(directory: str, size: int, vocab_size: int) -> DraftVocab:
                          f"{vocab_size}: it was counted for another target")
     if not 1 <= size <= vocab_size:
         raise ValueError(f"a draft vocabulary of {size} tokens: choose 1..{vocab_size}")
-    return DraftVocab(ids[:size])
+    return DraftVocab(np.sort(ids[:size]))
