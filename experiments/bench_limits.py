@@ -16,6 +16,8 @@ Then, with tau per method measured on real models (--tau_from: a Spec-Bench summ
   bound   = tau x ar_ms / verify_ms[m]  the speedup with a free drafter
   project = tau x ar_ms / spec_ms[m]    the speedup with psjax's drafter at this shape
 Step times are measured; bounds and projections are computed (measured tau, measured times).
+A shape's loops are timed in rounds, one run of each per round (limits.per_step_seconds), so a GPU
+that slows during the run favours none of them.
 
 --profile_shape adds, for that shape: the AR step, kernels per step, device busy time per step
 and the kernels that take it (a profiler trace of a generation), plain and with q/k/v and
@@ -186,16 +188,22 @@ def measure_shape(name: str, bandwidth: float | None, taus: dict) -> dict:
             for m, (d, tree) in list(methods.items())})
     if FLAGS.profile_only:
         return {"profile": profile(target, prompts, prefill, methods, dparams)}
+    # Every loop timed in rounds (limits.per_step_seconds): their differences are the point.
+    runs = {"ar": limits.ar_run(target.module, target.params, prompts,
+                                new_tokens=FLAGS.new_tokens)}
+    for method, (drafter, tree) in methods.items():
+        run = functools.partial(limits.spec_run, target.module, target.params, prompts,
+                                tree=tree, new_tokens=FLAGS.new_tokens)
+        runs[f"spec_{method}"] = run(drafter, dparams)
+        runs[f"verify_{method}"] = run(PromptLookup(), None)  # a drafter costing next to nothing
+    ms = {name: 1e3 * seconds for name, seconds in
+          limits.per_step_seconds(runs, prefill, FLAGS.repeats).items()}
     row = {"weights_gb": w_bytes / 1e9, "kv_mb": kv / 1e6,
            "floor_ms": 1e3 * (w_bytes + kv) / (bandwidth * 1e12), "prefill_ms": 1e3 * prefill,
-           "ar_ms": ar_ms(target.module, target.params, prompts, prefill)}
+           "ar_ms": ms["ar"]}
     row["spec_ms"], row["verify_ms"], row["projection"] = {}, {}, {}
     for method, (drafter, tree) in methods.items():
-        step = functools.partial(limits.spec_step_seconds, target.module, target.params,
-                                 prompts, tree=tree, new_tokens=FLAGS.new_tokens,
-                                 prefill=prefill, repeats=FLAGS.repeats)
-        spec = 1e3 * step(drafter, dparams)
-        verify = 1e3 * step(PromptLookup(), None)  # a drafter that costs next to nothing
+        spec, verify = ms[f"spec_{method}"], ms[f"verify_{method}"]
         row["spec_ms"][method], row["verify_ms"][method] = spec, verify
         if method in taus:
             tau = taus[method]

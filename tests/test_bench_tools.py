@@ -60,6 +60,16 @@ def test_step_times_are_positive():
     assert prefill > 0 and step > 0 and wide > 0
 
 
+def test_runs_are_timed_in_rounds():
+    """per_step_seconds: one untimed call of each run, then rounds of one timed call each."""
+    calls = []
+    runs = {name: (lambda name=name: calls.append(name) or steps)
+            for name, steps in (("a", 4), ("b", 8))}
+    per_step = limits.per_step_seconds(runs, prefill=0.0, repeats=3)
+    assert calls == ["a", "b"] * 4
+    assert set(per_step) == {"a", "b"} and all(s >= 0 for s in per_step.values())
+
+
 def test_device_trace_without_a_gpu_says_so():
     out = limits.device_trace(lambda: jnp.ones(4).block_until_ready(), steps=1)
     assert "error" in out

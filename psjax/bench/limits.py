@@ -6,7 +6,10 @@ Random weights give the true cost of a step (the work does not depend on the val
 elsewhere (a Spec-Bench summary.json).
 
 Times are medians over repeats, after a warm-up call of the same shapes. A per-step time is a
-generation's time less its prompt pass (timed apart), over its step count.
+generation's time less its prompt pass (timed apart), over its step count. Runs compared with
+each other are timed in rounds (`per_step_seconds`), one of each per round: an H200 once took
+4-13% longer for an identical step two minutes into a run
+(results/specbench_qwen05b_h200_56t_draft_vocab/), more than some differences measured here.
 """
 
 from __future__ import annotations
@@ -88,9 +91,18 @@ def kv_bytes(config: ModelConfig, batch: int, context: int, itemsize: int = 2) -
             * config.head_dim * itemsize)
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # compile / warm up
-    return statistics.median(timed(fn)[1] for _ in range(repeats))
+def _median_times(runs: dict[str, Callable[[], Any]], repeats: int
+                  ) -> dict[str, tuple[Any, float]]:
+    """Each run's last result and median seconds: one untimed call each (compilation), then
+    `repeats` rounds of one timed call each, so that a machine slowing down slows all alike."""
+    for fn in runs.values():
+        fn()
+    results = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            results[name].append(timed(fn))
+    return {name: (r[-1][0], statistics.median(seconds for _, seconds in r))
+            for name, r in results.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("module",))
@@ -102,31 +114,45 @@ def _prefill(module: Transformer, params, tokens, lengths):
 def prefill_seconds(module: Transformer, params, prompts, repeats: int = 3) -> float:
     tokens = jnp.asarray(prompts, jnp.int32)
     lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-    return _median_time(lambda: np.asarray(_prefill(module, params, tokens, lengths)), repeats)
+    run = lambda: np.asarray(_prefill(module, params, tokens, lengths))
+    return _median_times({"prefill": run}, repeats)["prefill"][1]
 
 
-def per_step_seconds(run: Callable[[], int], prefill: float, repeats: int) -> float:
-    """Seconds per loop step: run() generates and returns its step count; `prefill` seconds
-    (the prompt pass, measured apart) are taken off. One compilation per method."""
-    steps = []
-    seconds = _median_time(lambda: steps.append(run()), repeats)
-    return (seconds - prefill) / steps[-1]
+def per_step_seconds(runs: dict[str, Callable[[], int]], prefill: float, repeats: int
+                     ) -> dict[str, float]:
+    """Seconds per loop step of each run (run() generates and returns its step count), timed in
+    rounds; `prefill` seconds (the prompt pass, measured apart) are taken off."""
+    return {name: (seconds - prefill) / steps
+            for name, (steps, seconds) in _median_times(runs, repeats).items()}
+
+
+def ar_run(module: Transformer, params, prompts, *, new_tokens: int,
+           step_rows: int | None = None) -> Callable[[], int]:
+    """The autoregressive loop, each step a pass of `step_rows` rows (None: the default)."""
+    return lambda: autoregressive.generate(module, params, prompts, max_new_tokens=new_tokens,
+                                           step_rows=step_rows).steps
+
+
+def spec_run(module: Transformer, params, prompts, drafter, drafter_params, tree: Tree, *,
+             new_tokens: int) -> Callable[[], int]:
+    """The speculative loop (draft + verify + accept + commit), whatever is accepted."""
+    return lambda: speculative.generate(module, params, prompts, drafter=drafter,
+                                        drafter_params=drafter_params, tree=tree,
+                                        max_new_tokens=new_tokens).steps
 
 
 def ar_step_seconds(module: Transformer, params, prompts, *, new_tokens: int, prefill: float,
                     repeats: int = 3, step_rows: int | None = None) -> float:
     """Seconds per autoregressive step, each a pass of `step_rows` rows (None: the default)."""
-    return per_step_seconds(lambda: autoregressive.generate(
-        module, params, prompts, max_new_tokens=new_tokens, step_rows=step_rows).steps,
-        prefill, repeats)
+    run = ar_run(module, params, prompts, new_tokens=new_tokens, step_rows=step_rows)
+    return per_step_seconds({"ar": run}, prefill, repeats)["ar"]
 
 
 def spec_step_seconds(module: Transformer, params, prompts, drafter, drafter_params, tree: Tree,
                       *, new_tokens: int, prefill: float, repeats: int = 3) -> float:
     """Seconds per speculative step (draft + verify + accept + commit), whatever is accepted."""
-    return per_step_seconds(lambda: speculative.generate(
-        module, params, prompts, drafter=drafter, drafter_params=drafter_params, tree=tree,
-        max_new_tokens=new_tokens).steps, prefill, repeats)
+    run = spec_run(module, params, prompts, drafter, drafter_params, tree, new_tokens=new_tokens)
+    return per_step_seconds({"spec": run}, prefill, repeats)["spec"]
 
 
 # ------------------------------------------------------------ where a decode step's time goes
