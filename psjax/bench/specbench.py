@@ -439,8 +439,7 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
         raise ValueError(f"keep_text must be 'all' or 'diverged', got {keep_text!r}")
     if check and judge is None:
         raise ValueError("checking against the baseline needs a Float32Judge")
-    prompts: dict[tuple[int, int], list[int]] = {}
-    run = _Run(prompts, {}, prompt_fn=prompt_fn, decode=decode, judge=judge, check=check,
+    run = _Run({}, {}, prompt_fn=prompt_fn, decode=decode, judge=judge, check=check,
                keep_text=keep_text, reference=reference, log=log)
     if interleave:
         run.baseline_alone(methods[0], questions, warmup)
@@ -481,8 +480,7 @@ class _Run:
 
     def prepare(self, method: Method, questions, warmup: int) -> set:
         """Sets `method` up and warms it on the first prompt -> the shapes it has compiled."""
-        baseline_alone = method.name == BASELINE and not self.prompts
-        method.setup([] if baseline_alone else list(self.prompts.values()))
+        method.setup(list(self.prompts.values()))  # none yet for the baseline alone
         first = self.prompts.get((questions[0]["question_id"], 1)) or self.prompt_fn(
             list(questions[0]["turns"][:1]), [])
         for _ in range(max(warmup, method.min_warmup)):
