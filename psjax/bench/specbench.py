@@ -439,37 +439,35 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
         raise ValueError(f"keep_text must be 'all' or 'diverged', got {keep_text!r}")
     if check and judge is None:
         raise ValueError("checking against the baseline needs a Float32Judge")
-    run = _Run({}, {}, prompt_fn=prompt_fn, decode=decode, judge=judge, check=check,
+    run = _Run({}, {}, {}, prompt_fn=prompt_fn, decode=decode, judge=judge, check=check,
                keep_text=keep_text, reference=reference, log=log)
     if interleave:
         run.baseline_alone(methods[0], questions, warmup)
         return run.interleaved(methods, questions, warmup, on_method_done)
-    records, failures = [], {}
+    records = []
     for method in methods:
-        baseline = method.name == BASELINE
         try:
-            rows = (run.baseline_alone(method, questions, warmup) if baseline else
-                    run.one_method(method, questions, warmup))
-        except Exception as e:  # noqa: BLE001 - one method's failure must not stop the rest
-            if baseline or method.name == reference:
-                raise
-            failures[method.name] = run.failed(method, e)
-            continue
+            rows = run.isolated(method, lambda m=method: (
+                run.baseline_alone(m, questions, warmup) if m.name == BASELINE else
+                run.one_method(m, questions, warmup)))
         finally:
             method.close()
-        records.extend(rows)
-        if on_method_done is not None:
-            on_method_done(records, failures)
-    return records, failures
+        if rows is not None:
+            records.extend(rows)
+            if on_method_done is not None:
+                on_method_done(records, run.failures)
+    return records, run.failures
 
 
 @dataclasses.dataclass
 class _Run:
     """One evaluation's shared state: the prompts the baseline made (keyed by (question id,
-    turn)), the tokens each turn is checked against, and how turns are checked and logged."""
+    turn)), the tokens each turn is checked against, the methods that failed, and how turns are
+    checked and logged."""
 
     prompts: dict[tuple[int, int], list[int]]
     reference_tokens: dict[tuple[int, int], list[int]]
+    failures: dict[str, str]
     prompt_fn: Callable
     decode: Callable
     judge: Float32Judge | None
@@ -509,36 +507,42 @@ class _Run:
 
     def interleaved(self, methods: Sequence[Method], questions, warmup: int, on_done
                     ) -> tuple[list[dict], dict[str, str]]:
-        live, seen, rows, failures = list(methods), {}, {m.name: [] for m in methods}, {}
+        live, seen, rows = list(methods), {}, {m.name: [] for m in methods}
 
-        def isolated(method, step):  # as in the method-by-method order: the rest go on
-            try:
-                step()
-            except Exception as e:  # noqa: BLE001
-                if method.name in (BASELINE, self.reference):
-                    raise
-                failures[method.name] = self.failed(method, e)
+        def step(method, fn):  # a failed method leaves the run; the rest go on
+            out = self.isolated(method, fn)
+            if out is None:
                 live.remove(method)
                 method.close()
+            return out
 
         for method in list(live):
-            isolated(method, lambda m=method: seen.update({m.name: self.prepare(m, questions,
-                                                                                warmup)}))
+            seen[method.name] = step(method, lambda m=method: self.prepare(m, questions, warmup))
         for q in questions:
             for t in range(len(q["turns"])):
                 for method in list(live):
-                    isolated(method, lambda m=method: rows[m.name].append(
-                        self.turn(m, q, t, seen[m.name], check=self.check)))
+                    row = step(method, lambda m=method: self.turn(m, q, t, seen[m.name],
+                                                                  check=self.check))
+                    if row is not None:
+                        rows[method.name].append(row)
         for method in live:
             method.close()
         records = [r for m in live for r in rows[m.name]]
         if on_done is not None:
-            on_done(records, failures)
-        return records, failures
+            on_done(records, self.failures)
+        return records, self.failures
 
-    def failed(self, method: Method, error: Exception) -> str:
-        self.log(f"[{method.name}] FAILED:\n{traceback.format_exc()}")
-        return f"{type(error).__name__}: {error}".replace("\n", " ")
+    def isolated(self, method: Method, fn: Callable):
+        """fn() -> its value, or None if it raised: one method's failure must not stop the rest,
+        so it is logged and kept in `failures` (the baseline's and the reference's raise)."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001
+            if method.name in (BASELINE, self.reference):
+                raise
+            self.log(f"[{method.name}] FAILED:\n{traceback.format_exc()}")
+            self.failures[method.name] = f"{type(e).__name__}: {e}".replace("\n", " ")
+            return None
 
     def turn(self, method: Method, q: dict, t: int, seen: set, *, check: bool) -> dict:
         """One timed turn of `method` (its shape compiled first, untimed) -> its record."""
