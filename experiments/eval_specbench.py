@@ -243,7 +243,7 @@ def evaluate():
                                      FLAGS.mismatch_ulps),
         warmup=FLAGS.warmup, check=sampling.greedy, keep_text=FLAGS.text,
         reference=FLAGS.reference, interleave=FLAGS.interleave,
-        log=lambda s: print(s, flush=True), on_method_done=save)
+        log=lambda s: print(s, flush=True), on_progress=save)
     table = save(records, failures)
     print(f"\noutputs in {FLAGS.out_dir}\n\n{table}")
 

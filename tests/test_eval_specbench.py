@@ -194,7 +194,8 @@ def test_reference_ar_rows(tmp_path):
 def test_interleaved_order():
     """`interleave=True`: the baseline alone first (dropped), then each turn by every method in
     turn; the same tokens and checks as method by method, the baseline checked against its first
-    run, a failing method isolated."""
+    run, a failing method isolated, what is done so far handed on every `progress_every`
+    questions."""
     _, path = tiny_models.make("llama_gqa_untied", vocab_size=VOCAB)
     config, params = hf.load_hf_dir(path)
     target = Target(Transformer(config), params)
@@ -206,8 +207,12 @@ def test_interleaved_order():
     kw = dict(prompt_fn=prompt_fn, decode=decode, judge=judge, log=logged.append)
     by_method, _ = specbench.evaluate(QUESTIONS, methods, **kw)
     logged.clear()
-    records, failures = specbench.evaluate(QUESTIONS, methods, interleave=True, **kw)
+    progress = []
+    records, failures = specbench.evaluate(
+        QUESTIONS, methods, interleave=True, progress_every=1,
+        on_progress=lambda done, failed: progress.append((len(done), dict(failed))), **kw)
     assert failures == {"broken": "RuntimeError: boom"}
+    assert progress == [(6, failures), (9, failures), (12, failures)]  # 3 methods' turns
     key = lambda r: (r["method"], r["question_id"], r["turn"], r["tokens"], r["diverged"])
     assert sorted(map(key, records)) == sorted(map(key, by_method))
     assert [r["method"] for r in records] == ["ar"] * 4 + ["pld"] * 4 + ["planted"] * 4

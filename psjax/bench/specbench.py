@@ -410,8 +410,8 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
              warmup: int = 1, check: bool = True, keep_text: str = "all",
              reference: str = BASELINE, interleave: bool = False,
              log: Callable[[str], None] = print,
-             on_method_done: Callable[[list[dict], dict], None] | None = None
-             ) -> tuple[list[dict], dict[str, str]]:
+             on_progress: Callable[[list[dict], dict], None] | None = None,
+             progress_every: int = 20) -> tuple[list[dict], dict[str, str]]:
     """Runs every method over every turn of every question -> (per-turn records, {method: error}
     for methods that failed; their records are dropped and the rest go on).
 
@@ -422,6 +422,8 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
     only): the baseline, or `reference`, an ar_rowsN method that must run second (it is checked
     against the baseline; the methods after it against it). `keep_text`: "all", or "diverged"
     (a method's text only where it parts from the reference's; the baseline's always).
+    `on_progress(records, failures)`: called with what is done so far after each method, or
+    every `progress_every` questions when interleaved, so a run cut short keeps its part.
 
     `interleave`: by default each method runs over all questions before the next starts, as
     Spec-Bench does; a machine that slows down during a run (an H200 took 4-13% longer for the
@@ -443,7 +445,7 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
                keep_text=keep_text, reference=reference, log=log)
     if interleave:
         run.baseline_alone(methods[0], questions, warmup)
-        return run.interleaved(methods, questions, warmup, on_method_done)
+        return run.interleaved(methods, questions, warmup, on_progress, progress_every)
     records = []
     for method in methods:
         try:
@@ -454,8 +456,8 @@ def evaluate(questions: Sequence[dict], methods: Sequence[Method], *,
             method.close()
         if rows is not None:
             records.extend(rows)
-            if on_method_done is not None:
-                on_method_done(records, run.failures)
+            if on_progress is not None:
+                on_progress(records, run.failures)
     return records, run.failures
 
 
@@ -505,8 +507,8 @@ class _Run:
         return [self.turn(method, q, t, seen, check=self.check)
                 for q in questions for t in range(len(q["turns"]))]
 
-    def interleaved(self, methods: Sequence[Method], questions, warmup: int, on_done
-                    ) -> tuple[list[dict], dict[str, str]]:
+    def interleaved(self, methods: Sequence[Method], questions, warmup: int, on_progress,
+                    progress_every: int) -> tuple[list[dict], dict[str, str]]:
         live, seen, rows = list(methods), {}, {m.name: [] for m in methods}
 
         def step(method, fn):  # a failed method leaves the run; the rest go on
@@ -518,19 +520,21 @@ class _Run:
 
         for method in list(live):
             seen[method.name] = step(method, lambda m=method: self.prepare(m, questions, warmup))
-        for q in questions:
+        def records():
+            return [r for m in live for r in rows[m.name]]
+
+        for i, q in enumerate(questions, 1):
             for t in range(len(q["turns"])):
                 for method in list(live):
                     row = step(method, lambda m=method: self.turn(m, q, t, seen[m.name],
                                                                   check=self.check))
                     if row is not None:
                         rows[method.name].append(row)
+            if on_progress is not None and (i % progress_every == 0 or i == len(questions)):
+                on_progress(records(), self.failures)
         for method in live:
             method.close()
-        records = [r for m in live for r in rows[m.name]]
-        if on_done is not None:
-            on_done(records, self.failures)
-        return records, self.failures
+        return records(), self.failures
 
     def isolated(self, method: Method, fn: Callable):
         """fn() -> its value, or None if it raised: one method's failure must not stop the rest,
