@@ -9,7 +9,7 @@ depend on the values), at batch --batch with --context tokens in the cache:
                 a random drafter, chain of k + 1 and tree; with --lookup_tree also prompt
                 lookup in front of it): draft + verify + accept + commit
   verify_ms[m]  the same loop and tree with prompt lookup, a drafter that costs next to nothing:
-                a verify step with its acceptance
+                a verify step with its acceptance (timed once a tree: m_vN shares m's)
   spec_ms[m_vN] with --draft_vocab N, each ParallelSpec method again with its drafter's LM head
                 reading N rows instead of the vocabulary (psjax.drafters.draft_vocab)
 Then, with tau per method measured on real models (--tau_from: a Spec-Bench summary.json):
@@ -191,11 +191,14 @@ def measure_shape(name: str, bandwidth: float | None, taus: dict) -> dict:
     # Every loop timed in rounds (limits.per_step_seconds): their differences are the point.
     runs = {"ar": limits.ar_run(target.module, target.params, prompts,
                                 new_tokens=FLAGS.new_tokens)}
+    verify_of = {}  # tree -> its verify-only loop: a _vN twin drafts apart, verifies alike
     for method, (drafter, tree) in methods.items():
         run = functools.partial(limits.spec_run, target.module, target.params, prompts,
                                 tree=tree, new_tokens=FLAGS.new_tokens)
         runs[f"spec_{method}"] = run(drafter, dparams)
-        runs[f"verify_{method}"] = run(PromptLookup(), None)  # a drafter costing next to nothing
+        if tree not in verify_of:
+            verify_of[tree] = f"verify_{method}"
+            runs[verify_of[tree]] = run(PromptLookup(), None)  # a drafter costing next to nothing
     ms = {name: 1e3 * seconds for name, seconds in
           limits.per_step_seconds(runs, prefill, FLAGS.repeats).items()}
     row = {"weights_gb": w_bytes / 1e9, "kv_mb": kv / 1e6,
@@ -203,7 +206,7 @@ def measure_shape(name: str, bandwidth: float | None, taus: dict) -> dict:
            "ar_ms": ms["ar"]}
     row["spec_ms"], row["verify_ms"], row["projection"] = {}, {}, {}
     for method, (drafter, tree) in methods.items():
-        spec, verify = ms[f"spec_{method}"], ms[f"verify_{method}"]
+        spec, verify = ms[f"spec_{method}"], ms[verify_of[tree]]
         row["spec_ms"][method], row["verify_ms"][method] = spec, verify
         if method in taus:
             tau = taus[method]
