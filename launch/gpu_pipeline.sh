@@ -55,7 +55,8 @@
 #                                                distilled, the default, conversation or tasks), back
 #                                                to /tmp/KIND/MODEL (no distill run)
 #   launch/gpu_pipeline.sh train MODEL VARIANT [--config.x=y ...]   drafter training + export
-#                                                (RUN=NAME: its own workdir and export)
+#                                                + its draft vocabulary (RUN=NAME: its own
+#                                                workdir and export)
 #   DRY_RUN=1 launch/gpu_pipeline.sh STAGE ...   prints the commands instead of running them
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -220,16 +221,21 @@ print(len(cut), "conversations")' ;;
     model=$1 variant=$2; shift 2
     # TIME_LIMIT=S stops training after S seconds; the export takes the last checkpoint.
     # RUN=NAME keeps runs of one variant apart (an A/B in one call): workdir, export, metrics.
-    name=$model-$variant${RUN:+-$RUN}
+    # The export gets its draft vocabulary ranked from the data it trained on (draft_vocab.py).
+    name=$model-$variant${RUN:+-$RUN} data=/tmp/distilled/$model
+    for arg in "$@"; do [[ $arg == --config.data.jsonl_dir=* ]] && data=${arg#*=}; done
     run timeout "${TIME_LIMIT:-0}" python3 experiments/train_drafter.py \
         --config "experiments/configs/parallelspec.py:$variant" \
         --config.target="/tmp/models/$model" --config.data.source=jsonl \
-        --config.data.jsonl_dir="/tmp/distilled/$model" --config.spec_bench=/tmp/spec_bench.jsonl \
+        --config.data.jsonl_dir="$data" --config.spec_bench=/tmp/spec_bench.jsonl \
         --workdir "/tmp/work/$name" \
         --alsologtostderr "$@" || true
     run mkdir -p "$OUT"
     run cp "/tmp/work/$name/metrics.jsonl" "$OUT/train_metrics_$name.jsonl"
+    drafter=$OUT/drafter_$model${RUN:+_$RUN}
     run python3 experiments/export_hf.py --workdir "/tmp/work/$name" \
-        --out "$OUT/drafter_$model${RUN:+_$RUN}" --dtype bfloat16 --max_shard_mb 15 ;;
+        --out "$drafter" --dtype bfloat16 --max_shard_mb 15
+    run python3 experiments/draft_vocab.py --data "$data" --drafter "$drafter" \
+        --out "$OUT/draft_vocab_$name.json" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

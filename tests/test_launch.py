@@ -28,6 +28,13 @@ def test_gpu_pipeline_train_keeps_named_runs_apart():
     assert ("cp /tmp/work/qwen05b-qwen05b-dense/metrics.jsonl "
             "/o/train_metrics_qwen05b-qwen05b-dense.jsonl") in named
     assert "--workdir /tmp/work/qwen05b-qwen05b-dense --out /o/drafter_qwen05b_dense" in named
+    # the export's draft vocabulary is ranked from the data the drafter trained on
+    assert ("draft_vocab.py --data /tmp/distilled/qwen05b --drafter /o/drafter_qwen05b_dense "
+            "--out /o/draft_vocab_qwen05b-qwen05b-dense.json") in named
+    mixed = dry_run("gpu_pipeline.sh", "train", "qwen05b", "qwen05b",
+                    "--config.data.jsonl_dir=/tmp/a,/tmp/b", OUT="/o")
+    assert "--config.data.jsonl_dir=/tmp/a,/tmp/b" in mixed
+    assert "draft_vocab.py --data /tmp/a,/tmp/b --drafter /o/drafter_qwen05b " in mixed
 
 
 def test_gpu_pipeline_splits_a_registry_model_into_carriable_pieces():

@@ -520,6 +520,7 @@ class _Run:
 
         for method in list(live):
             seen[method.name] = step(method, lambda m=method: self.prepare(m, questions, warmup))
+
         def records():
             return [r for m in live for r in rows[m.name]]
 
